@@ -1,0 +1,1 @@
+"""What every kapi service shares: settings, errors, logging, tensors, metrics, protocol code."""

@@ -1,0 +1,1 @@
+"""Generated protocol code; regenerate with `make proto`."""

@@ -1,0 +1,75 @@
+"""kapi's one error hierarchy: every error knows its gRPC status and its HTTP status."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class KapiError(Exception):
+    """Base of every error that may cross the wire; the message names what was wrong."""
+
+    grpc_status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(KapiError):
+    """The caller sent something malformed: a tensor, a shape, a parameter."""
+
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NotFound(KapiError):
+    """An unknown model, version or resource."""
+
+    grpc_status = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class AlreadyExists(KapiError):
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
+class FailedPrecondition(KapiError):
+    """The request is well formed but the system is not in a state to serve it."""
+
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 400
+
+
+class ResourceExhausted(KapiError):
+    """Too large, or a queue is full."""
+
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+
+class Unavailable(KapiError):
+    """A model or server that exists but is not ready (loading, draining, failed to load)."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+
+class Unimplemented(KapiError):
+    grpc_status = grpc.StatusCode.UNIMPLEMENTED
+    http_status = 501
+
+
+class InternalError(KapiError):
+    """A failure inside kapi or a runtime; the message carries the runtime's own words."""
+
+
+class MissingExtra(KapiError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+    grpc_status = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(f"{module} is not installed: pip install 'kapi[{extra}]'")

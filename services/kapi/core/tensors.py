@@ -1,0 +1,156 @@
+"""The light tensor type of the hot path and the OIP datatype codec.
+
+A tensor is a name, an OIP datatype ("FP32", "BYTES", ...), a shape and a numpy array. BYTES
+tensors are numpy object arrays of `bytes`; on the wire each element is a 4-byte
+little-endian length followed by its bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kapi.core.errors import InvalidArgument
+
+try:  # BF16 has no numpy dtype of its own; ml_dtypes (shipped with onnx) provides one.
+    from ml_dtypes import bfloat16 as _bfloat16
+except ImportError:  # pragma: no cover - depends on the environment
+    _bfloat16 = None
+
+NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(np.object_),
+}
+if _bfloat16 is not None:
+    NUMPY_DTYPES["BF16"] = np.dtype(_bfloat16)
+
+DATATYPES = frozenset(NUMPY_DTYPES)
+_BY_NUMPY = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+_LENGTH = struct.Struct("<I")
+
+
+@dataclass(slots=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: npt.NDArray[np.generic]
+
+
+def datatype_of(array: npt.NDArray[np.generic]) -> str:
+    """The OIP datatype of a numpy array; strings and bytes become BYTES."""
+    if array.dtype.kind in "SUO":
+        return "BYTES"
+    try:
+        return _BY_NUMPY[array.dtype]
+    except KeyError:
+        raise InvalidArgument(f"numpy dtype {array.dtype} has no OIP datatype") from None
+
+
+def element_count(shape: tuple[int, ...] | list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def check_shape(name: str, shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
+    return tuple(shape)
+
+
+def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> Tensor:
+    """Decode one tensor from its raw row-major bytes, without copying where possible."""
+    dtype = _dtype(name, datatype)
+    count = element_count(shape)
+    if datatype == "BYTES":
+        array = deserialize_bytes(name, raw, count)
+    else:
+        expected = count * dtype.itemsize
+        if len(raw) != expected:
+            raise InvalidArgument(
+                f"input '{name}': {len(raw)} bytes of raw contents, expected {expected} "
+                f"for {datatype} with shape {list(shape)}"
+            )
+        array = np.frombuffer(raw, dtype=dtype)
+    return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def from_values(name: str, datatype: str, shape: tuple[int, ...], values: object) -> Tensor:
+    """Decode one tensor given as typed contents (a sequence of Python values)."""
+    dtype = _dtype(name, datatype)
+    count = element_count(shape)
+    try:
+        array = np.array(values, dtype=dtype)
+    except (OverflowError, ValueError) as exc:
+        raise InvalidArgument(f"input '{name}': contents do not fit {datatype}: {exc}") from exc
+    if array.size != count:
+        raise InvalidArgument(
+            f"input '{name}': {array.size} elements in contents, expected {count} "
+            f"for shape {list(shape)}"
+        )
+    return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def to_raw(tensor: Tensor) -> bytes:
+    """Encode a tensor as raw row-major bytes, the only way kapi sends outputs."""
+    if tensor.datatype == "BYTES":
+        return serialize_bytes(tensor.data)
+    return np.ascontiguousarray(tensor.data).tobytes()
+
+
+def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
+    parts: list[bytes] = []
+    item: Any
+    for item in array.reshape(-1):
+        value = item.encode() if isinstance(item, str) else bytes(item)
+        parts.append(_LENGTH.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def deserialize_bytes(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:
+    items: list[bytes] = []
+    view = memoryview(raw)
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    if len(items) != count:
+        raise InvalidArgument(
+            f"input '{name}': {len(items)} BYTES elements, expected {count} for its shape"
+        )
+    array = np.empty(count, dtype=np.object_)
+    array[:] = items
+    return array
+
+
+def _dtype(name: str, datatype: str) -> np.dtype[np.generic]:
+    try:
+        return NUMPY_DTYPES[datatype]
+    except KeyError:
+        raise InvalidArgument(
+            f"input '{name}': unknown datatype '{datatype}', expected one of {sorted(DATATYPES)}"
+        ) from None

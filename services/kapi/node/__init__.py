@@ -1,0 +1,1 @@
+"""The serving node: a Triton-layout model repository served over the Open Inference Protocol."""

@@ -1,0 +1,83 @@
+"""The one small interface every runtime implements."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from kapi.core._generated.inference import model_config_pb2 as mc
+
+Arrays = dict[str, npt.NDArray[np.generic]]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A model input or output as the runtime sees it: -1 marks a dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class ModelFiles:
+    """Where one version of a model lives and how it is configured."""
+
+    model_dir: Path
+    version_dir: Path
+    filename: str
+    config: mc.ModelConfig
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.version_dir / self.filename
+
+
+class Runtime(abc.ABC):
+    """Loads one model version and runs it. Compute runs on the runtime's own thread pool,
+    sized by the model's instance count, so the event loop never blocks on a model."""
+
+    #: The file a version directory holds when config.pbtxt names no default_model_filename.
+    default_filename: str = ""
+
+    def __init__(self, files: ModelFiles, instances: int) -> None:
+        self.files = files
+        self.instances = instances
+        self._executor = ThreadPoolExecutor(instances, thread_name_prefix=type(self).__name__)
+
+    async def load(self) -> None:
+        await self._run(self._load)
+
+    async def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        """Run one (possibly batched) execution; returns the named outputs."""
+        return await self._run(self._infer, inputs, outputs)
+
+    async def unload(self) -> None:
+        await self._run(self._unload)
+        self._executor.shutdown(wait=True)
+
+    @abc.abstractmethod
+    def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """The model's inputs and outputs, read from the loaded model."""
+
+    @abc.abstractmethod
+    def _load(self) -> None: ...
+
+    @abc.abstractmethod
+    def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays: ...
+
+    def _unload(self) -> None:
+        """Release the model; most runtimes free everything when dropped."""
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
