@@ -119,7 +119,14 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     parts: list[bytes] = []
     item: Any
     for item in array.reshape(-1):
-        value = item.encode() if isinstance(item, str) else bytes(item)
+        if isinstance(item, str):
+            value = item.encode()
+        elif isinstance(item, bytes):
+            value = item
+        else:
+            raise InvalidArgument(
+                f"a BYTES element must be bytes or str, got {type(item).__name__}: {item!r}"
+            )
         parts.append(_LENGTH.pack(len(value)))
         parts.append(value)
     return b"".join(parts)

@@ -1,9 +1,10 @@
 """Triton model configuration: parse config.pbtxt, pick the runtime, complete from the model.
 
-A config.pbtxt is Triton's ModelConfig in protobuf text format. kapi's ModelConfig message
-holds the part of it kapi acts on; other sections are skipped with a warning, so an existing
-Triton repository loads unchanged. Without a config.pbtxt, the config is completed from the
-model file, as Triton's auto-complete does.
+A config.pbtxt is Triton's ModelConfig in protobuf text format. Sections kapi does not act on
+(warmup, optimization hints, response cache, ...) are kept and reported back but logged as
+ignored, so an existing Triton repository loads unchanged; models kapi cannot serve correctly
+(sequence batching, ensembles, decoupled) are refused with a clear error. Without a
+config.pbtxt, the config is completed from the model file, as Triton's auto-complete does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from kapi.node.runtimes import FILES, PLATFORMS, RUNTIMES, TensorSpec
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.pbtxt"
+# The ModelConfig fields kapi acts on; any other field that is set is logged as ignored.
+ACTED_ON = frozenset(
+    {
+        "name", "platform", "backend", "runtime", "version_policy", "max_batch_size", "input",
+        "output", "dynamic_batching", "instance_group", "default_model_filename", "parameters",
+        "metric_tags",
+    }
+)  # fmt: skip
 # Triton's datatype enum names, and the OIP names they map to ("TYPE_STRING" is "BYTES").
 _OIP_OF_CONFIG = {
     name: ("BYTES" if name == "TYPE_STRING" else name.removeprefix("TYPE_"))
@@ -51,11 +60,31 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
             f"{path}: name '{config.name}' does not match its directory '{model_dir.name}'"
         )
     config.name = model_dir.name
+    _check_servable(config)
+    ignored = sorted(field.name for field, _ in config.ListFields() if field.name not in ACTED_ON)
+    if ignored:
+        log.warning("model %r: kapi ignores config sections %s", config.name, ", ".join(ignored))
     return config
 
 
+def _check_servable(config: mc.ModelConfig) -> None:
+    scheduling = config.WhichOneof("scheduling_choice")
+    if scheduling in ("sequence_batching", "ensemble_scheduling") or config.platform == "ensemble":
+        raise InvalidArgument(
+            f"model '{config.name}': {scheduling or 'ensemble'} is not supported by kapi; "
+            "serve stateless models with dynamic_batching or no scheduler"
+        )
+    if config.model_transaction_policy.decoupled:
+        raise InvalidArgument(f"model '{config.name}': decoupled models are not supported by kapi")
+
+
 def available_versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    # As in Triton, a version directory is a positive number without leading zeros.
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")
+    )
 
 
 def select_versions(model_dir: Path, config: mc.ModelConfig) -> list[int]:

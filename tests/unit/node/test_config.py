@@ -1,0 +1,332 @@
+"""config.pbtxt as a Triton user writes it: parsing, version policy and runtime choice."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc.model_config_pb2 as triton_mc
+from google.protobuf import text_format
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument, NotFound
+from kapi.core.tensors import DATATYPES
+from kapi.node.config import (
+    available_versions,
+    choose_runtime,
+    config_datatype,
+    oip_datatype,
+    read_config,
+    select_versions,
+)
+from kapi.node.runtimes import FILES, PLATFORMS, RUNTIMES
+
+TRITON_CONFIG = """
+# written for Triton, with the usual mix of list and block syntax
+name: "resnet"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+input [
+  {
+    name: "image"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, 224, 224 ]
+    reshape: { shape: [ 1, 3, 224, 224 ] }
+    is_non_linear_format_io: false
+  }
+]
+output [
+  {
+    name: "probs"
+    data_type: TYPE_FP32
+    dims: [ 1000 ]
+    label_filename: "labels.txt"
+  },
+  { name: "names", data_type: TYPE_STRING, dims: [ -1 ] }
+]
+version_policy: { latest: { num_versions: 2 } }
+instance_group [ { count: 2, kind: KIND_GPU, gpus: [ 0, 1 ] }, { kind: KIND_CPU } ]
+dynamic_batching {
+  preferred_batch_size: [ 4, 8 ]
+  max_queue_delay_microseconds: 100
+  priority_levels: 2
+  priority_queue_policy { key: 1 value: { max_queue_size: 5 } }
+  default_queue_policy { timeout_action: DELAY, default_timeout_microseconds: 1000 }
+}
+optimization {
+  execution_accelerators {
+    gpu_execution_accelerator : [ {
+      name : "tensorrt"
+      parameters { key: "precision_mode" value: "FP16" }
+    } ]
+  }
+  cuda { graphs: true }
+  input_pinned_memory { enable: false }
+}
+model_warmup: [ { name: "zeros", batch_size: 1 } ]
+parameters { key: "intra_op_thread_count" value: { string_value: "2" } }
+parameters: { key: "enable_mem_arena" value: { string_value: "1" } }
+response_cache { enable: true }
+model_transaction_policy { decoupled: false }
+cc_model_filenames { key: "7.5" value: "model_t4.onnx" }
+metric_tags { key: "team" value: "vision" }
+default_model_filename: "resnet.onnx"
+"""
+
+
+def _model_dir(tmp_path: Path, text: str | None = None, name: str = "resnet") -> Path:
+    model_dir = tmp_path / name
+    model_dir.mkdir()
+    if text is not None:
+        (model_dir / "config.pbtxt").write_text(text)
+    return model_dir
+
+
+def test_reads_what_kapi_models_and_skips_the_rest(tmp_path: Path) -> None:
+    config = read_config(_model_dir(tmp_path, TRITON_CONFIG))
+    assert (config.name, config.platform, config.max_batch_size) == (
+        "resnet",
+        "onnxruntime_onnx",
+        8,
+    )
+    (image,) = config.input
+    assert (image.name, image.data_type, list(image.dims)) == ("image", mc.TYPE_FP32, [3, 224, 224])
+    assert image.format == mc.ModelInput.FORMAT_NCHW
+    assert list(image.reshape.shape) == [1, 3, 224, 224]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("probs", mc.TYPE_FP32, [1000]),
+        ("names", mc.TYPE_STRING, [-1]),
+    ]
+    assert config.output[0].label_filename == "labels.txt"
+    assert config.version_policy.latest.num_versions == 2
+    assert [(g.count, g.kind, list(g.gpus)) for g in config.instance_group] == [
+        (2, mc.ModelInstanceGroup.KIND_GPU, [0, 1]),
+        (0, mc.ModelInstanceGroup.KIND_CPU, []),
+    ]
+    batching = config.dynamic_batching
+    assert list(batching.preferred_batch_size) == [4, 8]
+    assert batching.max_queue_delay_microseconds == 100
+    assert batching.default_queue_policy.timeout_action == mc.ModelQueuePolicy.DELAY
+    assert {key: value.string_value for key, value in config.parameters.items()} == {
+        "intra_op_thread_count": "2",
+        "enable_mem_arena": "1",
+    }
+    assert dict(config.metric_tags) == {"team": "vision"}
+    assert config.default_model_filename == "resnet.onnx"
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        pytest.param('model_warmup { name: "z" batch_size: 1 }', id="warmup-block"),
+        pytest.param("response_cache { enable: true }", id="response-cache"),
+        # Triton's documented list form, `name [ {...} ]` without a colon, which protobuf's
+        # unknown-field skipper cannot skip: kapi declares the whole ModelConfig for this.
+        pytest.param(
+            'model_warmup [ { name: "z" batch_size: 1 inputs { key: "x" '
+            "value: { data_type: TYPE_FP32 dims: [ 3 ] zero_data: true } } } ]",
+            id="warmup-list",
+        ),
+        pytest.param(
+            'instance_group [ { count: 1 kind: KIND_GPU rate_limiter { resources [ { name: "R1" '
+            "count: 4 } ] priority: 2 } } ]",
+            id="rate-limiter",
+        ),
+        pytest.param(
+            'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_FP32 '
+            'source_input: "x" } ]',
+            id="batch-input",
+        ),
+    ],
+)
+def test_sections_kapi_does_not_act_on_are_kept(tmp_path: Path, section: str) -> None:
+    text = f'name: "resnet"\nmax_batch_size: 4\n{section}\n'
+    triton = text_format.Parse(text, triton_mc.ModelConfig())  # what Triton itself accepts
+    config = read_config(_model_dir(tmp_path, text))
+    assert (config.name, config.max_batch_size) == ("resnet", 4)
+    assert config.SerializeToString(deterministic=True) == triton.SerializeToString(
+        deterministic=True
+    )
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        pytest.param("sequence_batching { max_sequence_idle_microseconds: 5000 }", id="sequence"),
+        pytest.param(
+            'sequence_batching { control_input [ { name: "START" control [ { kind: '
+            "CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ] }",
+            id="sequence-control",
+        ),
+        pytest.param('ensemble_scheduling { step: [ { model_name: "a" } ] }', id="ensemble-colon"),
+        pytest.param(
+            'platform: "ensemble" ensemble_scheduling { step [ { model_name: "a" '
+            'model_version: -1 input_map { key: "x" value: "y" } } ] }',
+            id="ensemble-list",
+        ),
+        pytest.param("model_transaction_policy { decoupled: true }", id="decoupled"),
+    ],
+)
+def test_models_kapi_cannot_serve_are_refused(tmp_path: Path, section: str) -> None:
+    text = f'name: "resnet"\nmax_batch_size: 4\n{section}\n'
+    text_format.Parse(text, triton_mc.ModelConfig())  # a valid Triton config all the same
+    with pytest.raises(InvalidArgument, match=r"model 'resnet': .*not supported by kapi"):
+        read_config(_model_dir(tmp_path, text))
+
+
+def test_triton_config_parses_in_triton_too() -> None:
+    """The sample above is a valid Triton config, so skipping its extra sections is required."""
+    config = text_format.Parse(TRITON_CONFIG, triton_mc.ModelConfig())
+    assert config.optimization.cuda.graphs
+
+
+def test_skipped_sections_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kapi.node.config")
+    read_config(_model_dir(tmp_path, "response_cache { enable: true }\n"))
+    assert "response_cache" in caplog.text
+
+
+def test_no_config_file_is_an_empty_config_named_after_the_directory(tmp_path: Path) -> None:
+    config = read_config(_model_dir(tmp_path, None, name="digits"))
+    assert config == mc.ModelConfig(name="digits")
+
+
+def test_a_config_without_a_name_takes_the_directory_name(tmp_path: Path) -> None:
+    assert read_config(_model_dir(tmp_path, "max_batch_size: 2")).name == "resnet"
+
+
+def test_a_name_that_differs_from_the_directory_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="name 'other' does not match its directory 'resnet'"):
+        read_config(_model_dir(tmp_path, 'name: "other"'))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "max_batch_size: eight",
+        'input [ { name: "x" data_type: TYPE_FP128 } ]',
+        "dynamic_batching {",
+        'name: "resnet" name: "resnet"',
+    ],
+)
+def test_invalid_text_is_rejected_with_its_path(tmp_path: Path, text: str) -> None:
+    model_dir = _model_dir(tmp_path, text)
+    with pytest.raises(InvalidArgument) as raised:
+        read_config(model_dir)
+    assert raised.value.message.startswith(f"{model_dir / 'config.pbtxt'}: not a valid model")
+    assert isinstance(raised.value.__cause__, text_format.ParseError)
+
+
+# --- versions ------------------------------------------------------------------------------
+
+
+def _versions(tmp_path: Path, *names: str) -> Path:
+    model_dir = _model_dir(tmp_path)
+    for name in names:
+        (model_dir / name).mkdir()
+    (model_dir / "3.txt").write_text("a file, not a version")
+    return model_dir
+
+
+def _policy(text: str) -> mc.ModelConfig:
+    return text_format.Parse(f'name: "resnet" {text}', mc.ModelConfig())
+
+
+def test_available_versions_are_numeric_directories_in_numeric_order(tmp_path: Path) -> None:
+    assert available_versions(_versions(tmp_path, "10", "2", "1", "latest", ".cache")) == [1, 2, 10]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("", [10]),
+        ("version_policy { latest { } }", [10]),
+        ("version_policy { latest { num_versions: 2 } }", [2, 10]),
+        ("version_policy { latest { num_versions: 9 } }", [1, 2, 10]),
+        ("version_policy { all { } }", [1, 2, 10]),
+        ("version_policy { specific { versions: [ 10, 1 ] } }", [1, 10]),
+    ],
+)
+def test_select_versions(tmp_path: Path, policy: str, expected: list[int]) -> None:
+    model_dir = _versions(tmp_path, "1", "2", "10", "draft")
+    assert select_versions(model_dir, _policy(policy)) == expected
+
+
+def test_specific_versions_missing_on_disk(tmp_path: Path) -> None:
+    model_dir = _versions(tmp_path, "1", "2")
+    with pytest.raises(NotFound, match=r"model 'resnet': versions \[3, 4\] not on disk"):
+        select_versions(model_dir, _policy("version_policy { specific { versions: [1, 4, 3] } }"))
+
+
+@pytest.mark.parametrize("policy", ["", "version_policy { all { } }"])
+def test_no_version_directory(tmp_path: Path, policy: str) -> None:
+    model_dir = _versions(tmp_path, "draft")
+    with pytest.raises(NotFound, match="model 'resnet': no numeric version directory"):
+        select_versions(model_dir, _policy(policy))
+
+
+def test_version_directories_starting_with_zero_are_ignored(tmp_path: Path) -> None:
+    model_dir = _versions(tmp_path, "0", "01", "1", "2")
+    assert select_versions(model_dir, _policy("version_policy { all { } }")) == [1, 2]
+
+
+# --- runtime -------------------------------------------------------------------------------
+
+
+def _version_dir(tmp_path: Path, *files: str) -> Path:
+    version_dir = tmp_path / "1"
+    version_dir.mkdir()
+    for name in files:
+        (version_dir / name).write_bytes(b"")
+    return version_dir
+
+
+@pytest.mark.parametrize("backend", sorted(RUNTIMES))
+def test_backend_decides_first(tmp_path: Path, backend: str) -> None:
+    config = mc.ModelConfig(name="m", backend=backend, platform="tensorrt_plan")
+    assert choose_runtime(config, _version_dir(tmp_path, "model.onnx")) == backend
+
+
+@pytest.mark.parametrize(("platform", "runtime"), sorted(PLATFORMS.items()))
+def test_platform_decides_next(tmp_path: Path, platform: str, runtime: str) -> None:
+    config = mc.ModelConfig(name="m", platform=platform)
+    assert choose_runtime(config, _version_dir(tmp_path, "model.xml")) == runtime
+
+
+@pytest.mark.parametrize(("filename", "runtime"), sorted(FILES.items()))
+def test_model_file_decides_last(tmp_path: Path, filename: str, runtime: str) -> None:
+    config = mc.ModelConfig(name="m")
+    assert choose_runtime(config, _version_dir(tmp_path, "labels.txt", filename)) == runtime
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (mc.ModelConfig(name="m", backend="python"), "backend 'python' is not served by kapi"),
+        (
+            mc.ModelConfig(name="m", platform="tensorflow_savedmodel"),
+            "platform 'tensorflow_savedmodel' is not served by kapi",
+        ),
+        (mc.ModelConfig(name="m"), "no backend or platform in config and no model file"),
+    ],
+)
+def test_runtime_that_cannot_be_chosen(
+    tmp_path: Path, config: mc.ModelConfig, message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=f"model 'm': {message}"):
+        choose_runtime(config, _version_dir(tmp_path, "model.pt"))
+
+
+# --- datatypes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", sorted(DATATYPES))
+def test_datatype_names_round_trip(datatype: str) -> None:
+    assert oip_datatype(config_datatype(datatype)) == datatype
+
+
+def test_string_is_bytes_and_invalid_stays_invalid() -> None:
+    assert oip_datatype(mc.TYPE_STRING) == "BYTES"
+    assert config_datatype("BYTES") == mc.TYPE_STRING
+    assert oip_datatype(mc.TYPE_INVALID) == "INVALID"

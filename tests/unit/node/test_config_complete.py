@@ -1,0 +1,131 @@
+"""complete_config fills what a config leaves out from the model, as Triton's auto-complete does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import text_format
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument, KapiError
+from kapi.node.config import complete_config, read_config
+from kapi.node.runtimes import TensorSpec
+
+BATCHED_IN = [TensorSpec("image", "FP32", (-1, 3, 8, 8)), TensorSpec("text", "BYTES", (-1,))]
+BATCHED_OUT = [TensorSpec("probs", "FP16", (-1, 10))]
+FIXED_IN = [TensorSpec("image", "FP32", (1, 3, 8, 8))]
+
+
+def _config(text: str = "") -> mc.ModelConfig:
+    return text_format.Parse(f'name: "m" {text}', mc.ModelConfig())
+
+
+def _tensors(declared: Any) -> list[tuple[str, int, list[int]]]:
+    return [(tensor.name, tensor.data_type, list(tensor.dims)) for tensor in declared]
+
+
+def test_a_batchable_model_gets_batching() -> None:
+    config = _config()
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.max_batch_size == 4
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching == mc.ModelDynamicBatching()
+    assert _tensors(config.input) == [
+        ("image", mc.TYPE_FP32, [3, 8, 8]),
+        ("text", mc.TYPE_STRING, []),
+    ]
+    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (1, mc.ModelInstanceGroup.KIND_CPU)
+    ]
+
+
+def test_batching_is_off_when_the_default_is_zero() -> None:
+    config = _config()
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=0)
+    assert config.max_batch_size == 0
+    assert config.WhichOneof("scheduling_choice") is None
+    assert _tensors(config.input)[0] == ("image", mc.TYPE_FP32, [-1, 3, 8, 8])
+
+
+def test_a_model_with_a_fixed_first_dimension_is_not_batched() -> None:
+    config = _config()
+    complete_config(config, FIXED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.max_batch_size == 0
+    assert not config.HasField("dynamic_batching")
+    assert _tensors(config.input) == [("image", mc.TYPE_FP32, [1, 3, 8, 8])]
+    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [-1, 10])]
+
+
+def test_declared_tensors_are_kept_and_the_rest_added() -> None:
+    config = _config('input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]')
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.max_batch_size == 0  # a config that declares tensors is not auto-batched
+    assert _tensors(config.input) == [
+        ("text", mc.TYPE_STRING, [1]),
+        ("image", mc.TYPE_FP32, [-1, 3, 8, 8]),
+    ]
+    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [-1, 10])]
+
+
+def test_a_declared_max_batch_size_strips_the_batch_dimension() -> None:
+    config = _config("max_batch_size: 16")
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.max_batch_size == 16
+    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
+    assert not config.HasField("dynamic_batching")
+
+
+def test_declared_batching_and_instances_are_kept() -> None:
+    config = _config(
+        "dynamic_batching { preferred_batch_size: [ 2 ] } "
+        "instance_group [ { count: 3 kind: KIND_GPU } ]"
+    )
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=8)
+    assert config.max_batch_size == 8
+    assert list(config.dynamic_batching.preferred_batch_size) == [2]
+    assert [(g.count, g.kind) for g in config.instance_group] == [
+        (3, mc.ModelInstanceGroup.KIND_GPU)
+    ]
+
+
+def test_max_batch_size_with_a_fixed_first_dimension_is_rejected() -> None:
+    config = _config("max_batch_size: 4")
+    with pytest.raises(
+        InvalidArgument,
+        match="model 'm': max_batch_size > 0 but input 'image' has a fixed first dimension 1",
+    ):
+        complete_config(config, FIXED_IN, BATCHED_OUT, default_max_batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'input [ { name: "pixels" data_type: TYPE_FP32 dims: [ 3 ] } ]',
+            r"config inputs \['pixels'\] are not in the model, which has \['image', 'text'\]",
+        ),
+        (
+            'output [ { name: "logits" data_type: TYPE_FP32 dims: [ 10 ] } ]',
+            r"config outputs \['logits'\] are not in the model, which has \['probs'\]",
+        ),
+    ],
+)
+def test_tensors_the_model_lacks_are_rejected(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"model 'm': {message}"):
+        complete_config(_config(text), BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+
+
+def test_a_sequence_model_does_not_get_dynamic_batching(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.pbtxt").write_text(
+        'backend: "onnxruntime"\nsequence_batching { max_sequence_idle_microseconds: 5000 }\n'
+    )
+    try:
+        config = read_config(model_dir)
+        complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    except KapiError:
+        return  # refusing a sequence model is an acceptable fix
+    assert not config.HasField("dynamic_batching")
