@@ -26,7 +26,7 @@ PROTOS = ROOT / "protos"
 TARGET = ROOT / "services" / "kapi" / "core" / "_generated"
 PACKAGE = "kapi.core._generated"
 BIN = Path(sys.executable).parent
-POOL_MODULE = '''"""kapi's own descriptor pool: generated code registers here, not in the default pool."""
+POOL_MODULE = '''"""kapi's descriptor pool: generated code registers here, not in the default."""
 
 from google.protobuf.descriptor_pool import DescriptorPool
 
@@ -62,7 +62,7 @@ def generate(out: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    (out / "__init__.py").write_text('"""Generated protocol code; regenerate with `make proto`."""\n')
+    (out / "__init__.py").write_text('"""Generated protocol code: `make proto`."""\n')
     (out / "_pool.py").write_text(POOL_MODULE)
     for path in out.rglob("*.py*"):
         if path.is_dir():

@@ -158,7 +158,10 @@ class ModelVersion:
             (tensor.name, tensor.datatype, tensor.shape[1:]) for tensor in request.inputs
         )
         return Job(
-            inputs={name: tensor.data for name, tensor in given.items()},
+            inputs={
+                name: self.runtime.prepare_input(name, tensor.data)
+                for name, tensor in given.items()
+            },
             outputs=list(outputs),
             batch_size=batch_sizes.pop() if batching and batch_sizes else 0,
             signature=tuple(sorted(signature)),

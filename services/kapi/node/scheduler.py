@@ -125,7 +125,8 @@ class DynamicBatcher(Scheduler):
         while not self._queue.empty():
             pending.append(self._queue.get_nowait())
         for job in pending:
-            job.future.set_exception(Unavailable(f"model '{self.model}' was unloaded"))
+            if not job.future.done():  # its caller may have cancelled already
+                job.future.set_exception(Unavailable(f"model '{self.model}' was unloaded"))
 
     async def _batch_forever(self) -> None:
         while True:

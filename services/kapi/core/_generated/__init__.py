@@ -1,1 +1,1 @@
-"""Generated protocol code; regenerate with `make proto`."""
+"""Generated protocol code: `make proto`."""

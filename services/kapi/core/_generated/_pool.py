@@ -1,4 +1,4 @@
-"""kapi's own descriptor pool: generated code registers here, not in the default pool."""
+"""kapi's descriptor pool: generated code registers here, not in the default."""
 
 from google.protobuf.descriptor_pool import DescriptorPool
 

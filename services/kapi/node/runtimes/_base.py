@@ -59,8 +59,14 @@ class Runtime(abc.ABC):
         await self._run(self._load)
 
     async def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
-        """Run one (possibly batched) execution; returns the named outputs."""
+        """Run one (possibly batched) execution of inputs that went through prepare_input;
+        returns the named outputs."""
         return await self._run(self._infer, inputs, outputs)
+
+    def prepare_input(self, name: str, array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+        """One request's input converted to what the runtime takes. Runs before the request
+        joins a batch, so an input the runtime cannot take fails its own request only."""
+        return array
 
     async def unload(self) -> None:
         await self._run(self._unload)

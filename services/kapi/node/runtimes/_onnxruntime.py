@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import MissingExtra
+from kapi.core.errors import InvalidArgument, MissingExtra
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
 try:
@@ -63,11 +64,21 @@ class OnnxRuntime(Runtime):
             [_spec(node) for node in self._session.get_outputs()],
         )
 
+    def prepare_input(self, name: str, array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
+        """ONNX Runtime's Python API takes string tensors as `str`: BYTES must be UTF-8."""
+        if name not in self._string_inputs:
+            return array
+        try:
+            text: npt.NDArray[np.generic] = np.vectorize(_to_str, otypes=[object])(array)
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"model '{self.files.config.name}': input '{name}' is a string tensor, its "
+                f"BYTES elements must be UTF-8 text: {exc}"
+            ) from exc
+        return text
+
     def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
-        feed: dict[str, Any] = dict(inputs)
-        for name in self._string_inputs & feed.keys():
-            feed[name] = np.vectorize(_to_str, otypes=[object])(feed[name])
-        results = self._session.run(outputs, feed)
+        results = self._session.run(outputs, dict(inputs))
         return dict(zip(outputs, results, strict=True))
 
     def _unload(self) -> None:

@@ -1,0 +1,235 @@
+"""Model control. With --model-control-mode explicit the client loads, unloads and reloads
+models, and a reload swaps in the new files without failing requests in flight. In the
+default mode load and unload are refused."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tests.support import models
+from tests.support.node import RunningNode, running_node
+
+# A lone request waits up to 2 s in the batcher: in flight long enough to unload under it.
+SLOW_CONFIG = """
+max_batch_size: 4
+dynamic_batching { max_queue_delay_microseconds: 2000000 }
+"""
+
+
+@pytest.fixture(scope="module")
+def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repository = tmp_path_factory.mktemp("explicit")
+    models.save_model(repository, "preloaded", models.add_constant_model(1.0))
+    models.save_model(repository, "swapped", models.add_constant_model(1.0))
+    models.save_model(repository, "versioned", models.add_constant_model(1.0))
+    models.save_model(repository, "on_demand", models.identity_model("FP32"))
+    models.save_model(repository, "never_loaded", models.identity_model("FP32"))
+    models.save_model(repository, "broken", b"\x08\x07 not a model")
+    models.save_model(repository, "kept", models.add_constant_model(1.0))
+    models.save_model(repository, "misconfigured", models.identity_model("FP32"))
+    (repository / "misconfigured" / "config.pbtxt").write_text("max_batch_size: [ not text")
+    models.save_model(repository, "slow", models.add_constant_model(3.0), config=SLOW_CONFIG)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def explicit_node(explicit_repository: Path, node_logs: Path) -> Iterator[RunningNode]:
+    with running_node(
+        explicit_repository,
+        node_logs,
+        explicit=True,
+        load_models=["preloaded", "swapped", "versioned", "kept", "slow"],
+    ) as node:
+        yield node
+
+
+@pytest.fixture
+def explicit_client(explicit_node: RunningNode) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(explicit_node.grpc_url) as client:
+        yield client
+
+
+def add_input() -> list[grpcclient.InferInput]:
+    infer_input = grpcclient.InferInput("INPUT0", [1, 4], "FP32")
+    infer_input.set_data_from_numpy(np.zeros((1, 4), dtype=np.float32))
+    return [infer_input]
+
+
+def added(client: grpcclient.InferenceServerClient, model: str, version: str = "") -> float:
+    """The constant the served version of `model` adds (its version's tell-tale)."""
+    result = client.infer(model, add_input(), model_version=version)
+    output = result.as_numpy("OUTPUT0")
+    assert output is not None
+    assert len(set(output.reshape(-1).tolist())) == 1
+    return float(output[0, 0])
+
+
+def index_states(client: grpcclient.InferenceServerClient) -> dict[str, tuple[str, str, str]]:
+    """name -> (version, state, reason) of the highest version row per model."""
+    return {
+        m.name: (m.version, m.state, m.reason) for m in client.get_model_repository_index().models
+    }
+
+
+def test_only_the_named_models_load_at_start(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    states = index_states(explicit_client)
+
+    assert states["preloaded"] == ("1", "READY", "")
+    assert states["never_loaded"][1] == "UNAVAILABLE"
+    assert explicit_client.is_model_ready("preloaded")
+    assert not explicit_client.is_model_ready("never_loaded")
+    with pytest.raises(InferenceServerException) as raised:
+        explicit_client.infer("never_loaded", add_input())
+    assert raised.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_load_then_unload(explicit_client: grpcclient.InferenceServerClient) -> None:
+    explicit_client.load_model("on_demand")
+
+    assert explicit_client.is_model_ready("on_demand")
+    assert index_states(explicit_client)["on_demand"] == ("1", "READY", "")
+    assert added(explicit_client, "on_demand") == 0.0
+
+    explicit_client.unload_model("on_demand")
+
+    assert not explicit_client.is_model_ready("on_demand")
+    _, state, reason = index_states(explicit_client)["on_demand"]
+    assert (state, reason) == ("UNAVAILABLE", "unloaded")
+    with pytest.raises(InferenceServerException) as raised:
+        explicit_client.infer("on_demand", add_input())
+    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+
+    explicit_client.load_model("on_demand")
+    assert added(explicit_client, "on_demand") == 0.0
+
+
+def test_load_of_a_corrupt_model_fails_and_says_why(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        explicit_client.load_model("broken")
+
+    assert raised.value.status() == "StatusCode.INTERNAL"
+    assert "broken" in raised.value.message()
+    _, state, reason = index_states(explicit_client)["broken"]
+    assert state == "UNAVAILABLE"
+    assert "model.onnx" in reason
+    assert explicit_client.is_server_ready()
+
+
+def test_load_and_unload_of_unknown_models_are_not_found(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    for call in (explicit_client.load_model, explicit_client.unload_model):
+        with pytest.raises(InferenceServerException) as raised:
+            call("no_such_model")
+        assert raised.value.status() == "StatusCode.NOT_FOUND"
+        assert "no_such_model" in raised.value.message()
+
+
+def test_reload_serves_a_replaced_model_file(
+    explicit_repository: Path, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    assert added(explicit_client, "swapped") == 1.0
+    models.save_model(explicit_repository, "swapped", models.add_constant_model(5.0))
+
+    assert added(explicit_client, "swapped") == 1.0, "files change only on a load"
+    explicit_client.load_model("swapped")
+
+    assert added(explicit_client, "swapped") == 5.0
+
+
+def test_reload_with_a_new_version_directory(
+    explicit_repository: Path, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    assert added(explicit_client, "versioned") == 1.0
+    models.save_model(explicit_repository, "versioned", models.add_constant_model(2.0), 2)
+    failures: list[BaseException] = []
+    seen: set[float] = set()
+    stop = threading.Event()
+
+    def keep_inferring() -> None:
+        while not stop.is_set():
+            try:
+                seen.add(added(explicit_client, "versioned"))
+            except BaseException as exc:
+                failures.append(exc)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(keep_inferring) for _ in range(2)]
+        explicit_client.load_model("versioned")
+        stop.set()
+        for future in running:
+            future.result()
+
+    assert failures == []
+    assert seen <= {1.0, 2.0}
+    assert added(explicit_client, "versioned") == 2.0
+    assert explicit_client.get_model_metadata("versioned").versions == ["2"]
+    assert not explicit_client.is_model_ready("versioned", "1")
+
+
+def test_a_failed_reload_keeps_the_loaded_version_serving(
+    explicit_repository: Path, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    assert added(explicit_client, "kept") == 1.0
+    models.save_model(explicit_repository, "kept", b"corrupted on disk")
+
+    with pytest.raises(InferenceServerException) as raised:
+        explicit_client.load_model("kept")
+
+    assert raised.value.status() == "StatusCode.INTERNAL"
+    assert "kept" in raised.value.message()
+    assert added(explicit_client, "kept") == 1.0
+    assert index_states(explicit_client)["kept"] == ("1", "READY", "")
+
+
+def test_load_with_an_invalid_config(explicit_client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        explicit_client.load_model("misconfigured")
+
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "config.pbtxt" in raised.value.message()
+    _, state, reason = index_states(explicit_client)["misconfigured"]
+    assert state == "UNAVAILABLE"
+    assert "config.pbtxt" in reason
+
+
+def test_unload_lets_the_request_in_flight_finish(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    outcomes: queue.Queue[tuple[object, object]] = queue.Queue()
+    explicit_client.async_infer(
+        "slow", add_input(), lambda result, error: outcomes.put((result, error))
+    )
+    time.sleep(0.5)  # the batcher holds the request for 2 s
+    assert outcomes.empty()
+
+    explicit_client.unload_model("slow")  # returns once the request has drained
+
+    result, error = outcomes.get(timeout=30)
+    assert error is None
+    assert isinstance(result, grpcclient.InferResult)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), 3.0))
+    assert not explicit_client.is_model_ready("slow")
+
+
+def test_default_mode_refuses_load_and_unload(client: grpcclient.InferenceServerClient) -> None:
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as raised:
+            call("simple")
+        assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
+        assert "explicit" in raised.value.message()
+    assert client.is_model_ready("simple")

@@ -1,0 +1,181 @@
+"""Every way a request can be wrong, and the exact gRPC status and message it gets back."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from tests.support.clients import expect_error, expect_rpc_error, infer_input, simple_inputs
+
+
+def raw_simple_request(first: bytes, second: bytes) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="simple")
+    for name in ("INPUT0", "INPUT1"):
+        request.inputs.add(name=name, datatype="INT32", shape=[1, 16])
+    request.raw_input_contents.extend([first, second])
+    return request
+
+
+def test_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) -> None:
+    expect_error(
+        lambda: client.infer("no_such_model", simple_inputs()),
+        "StatusCode.NOT_FOUND",
+        "no_such_model",
+    )
+    expect_error(lambda: client.get_model_metadata("no_such_model"), "StatusCode.NOT_FOUND")
+    expect_error(lambda: client.get_model_config("no_such_model"), "StatusCode.NOT_FOUND")
+    assert not client.is_model_ready("no_such_model")
+
+
+@pytest.mark.parametrize("version", ["7", "0", "latest"])
+def test_unknown_version_is_not_found(
+    client: grpcclient.InferenceServerClient, version: str
+) -> None:
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(), model_version=version),
+        "StatusCode.NOT_FOUND",
+        "simple",
+        version,
+    )
+
+
+def test_wrong_datatype(client: grpcclient.InferenceServerClient) -> None:
+    inputs = simple_inputs()
+    inputs[1] = infer_input("INPUT1", np.ones((1, 16), dtype=np.float32), "FP32")
+
+    expect_error(
+        lambda: client.infer("simple", inputs),
+        "StatusCode.INVALID_ARGUMENT",
+        "'INPUT1'",
+        "FP32",
+        "INT32",
+    )
+
+
+def test_wrong_shape(client: grpcclient.InferenceServerClient) -> None:
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(columns=15)),
+        "StatusCode.INVALID_ARGUMENT",
+        "'INPUT0'",
+        "[1, 15]",
+    )
+
+
+def test_batch_larger_than_max_batch_size(client: grpcclient.InferenceServerClient) -> None:
+    max_batch = client.get_model_config("simple").config.max_batch_size
+
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(batch=max_batch + 1)),
+        "StatusCode.INVALID_ARGUMENT",
+        "'INPUT0'",
+        str(max_batch),
+    )
+
+
+def test_inputs_that_disagree_on_batch_size(client: grpcclient.InferenceServerClient) -> None:
+    inputs = simple_inputs(batch=2)
+    inputs[1] = infer_input("INPUT1", np.ones((1, 16), dtype=np.int32), "INT32")
+
+    expect_error(lambda: client.infer("simple", inputs), "StatusCode.INVALID_ARGUMENT", "batch")
+
+
+def test_missing_input(client: grpcclient.InferenceServerClient) -> None:
+    expect_error(
+        lambda: client.infer("simple", simple_inputs()[:1]),
+        "StatusCode.INVALID_ARGUMENT",
+        "'INPUT1'",
+    )
+
+
+def test_unknown_input(client: grpcclient.InferenceServerClient) -> None:
+    inputs = [*simple_inputs(), infer_input("EXTRA", np.ones((1, 16), np.int32), "INT32")]
+
+    expect_error(lambda: client.infer("simple", inputs), "StatusCode.INVALID_ARGUMENT", "'EXTRA'")
+
+
+def test_unknown_requested_output(client: grpcclient.InferenceServerClient) -> None:
+    outputs = [grpcclient.InferRequestedOutput("NO_OUTPUT")]
+
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(), outputs=outputs),
+        "StatusCode.INVALID_ARGUMENT",
+        "'NO_OUTPUT'",
+    )
+
+
+@pytest.mark.parametrize("length", [0, 60, 68, 128])
+def test_raw_contents_of_the_wrong_length(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, length: int
+) -> None:
+    request = raw_simple_request(bytes(64), bytes(length))
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT1'", "64"
+    )
+
+
+def test_fewer_raw_contents_than_inputs(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    request = raw_simple_request(bytes(64), bytes(64))
+    del request.raw_input_contents[1]
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents"
+    )
+
+
+def test_unknown_datatype(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    request = raw_simple_request(bytes(64), bytes(64))
+    request.inputs[0].datatype = "FP8"
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "FP8"
+    )
+
+
+def test_truncated_bytes_element(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes")
+    request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 4])
+    # Three whole elements, then a length prefix that promises more bytes than follow.
+    request.raw_input_contents.append(b"\x01\x00\x00\x00a" * 3 + b"\x09\x00\x00\x00abc")
+
+    expect_rpc_error(lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'")
+
+
+def test_typed_contents_out_of_range(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_uint8")
+    tensor = request.inputs.add(name="INPUT0", datatype="UINT8", shape=[1, 4])
+    tensor.contents.uint_contents.extend([1, 2, 300, 4])
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "UINT8"
+    )
+
+
+def test_typed_contents_of_the_wrong_count(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = service_pb2.ModelInferRequest(model_name="identity_int32")
+    tensor = request.inputs.add(name="INPUT0", datatype="INT32", shape=[1, 4])
+    tensor.contents.int_contents.extend([1, 2, 3])
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'", "3"
+    )
+
+
+def test_raw_and_typed_contents_together(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+    request = raw_simple_request(bytes(64), bytes(64))
+    request.inputs[1].contents.int_contents.extend([1] * 16)
+
+    expect_rpc_error(lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT1'")
+
+
+def test_statistics_of_an_unknown_model(client: grpcclient.InferenceServerClient) -> None:
+    expect_error(
+        lambda: client.get_inference_statistics("no_such_model"),
+        "StatusCode.NOT_FOUND",
+        "no_such_model",
+    )

@@ -1,0 +1,180 @@
+"""Start a real `kapi node` process on loopback ports and wait until it is ready."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+
+KAPI = Path(sys.executable).with_name("kapi")
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+# Signs in the log that a port picked as free was taken before the node bound it.
+_PORT_TAKEN = ("address already in use", "failed to bind")
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class NodeFactory(Protocol):
+    """Starts a ready `kapi node` on a repository (what the `start_kapi_node` fixture gives)."""
+
+    def __call__(
+        self,
+        repository: Path,
+        *,
+        explicit: bool = False,
+        load_models: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> RunningNode: ...
+
+
+class NodeFailedToStart(RuntimeError):
+    pass
+
+
+@dataclass
+class RunningNode:
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{HOST}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{HOST}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{HOST}:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def is_ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.http_url}/v2/health/ready", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def metrics(self) -> str:
+        response = httpx.get(self.metrics_url, timeout=10.0)
+        response.raise_for_status()
+        return response.text
+
+    def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM, wait for the exit; SIGKILL if it does not come. Returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_node(
+    repository: Path,
+    log_dir: Path,
+    *,
+    explicit: bool = False,
+    load_models: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    attempts: int = 3,
+) -> RunningNode:
+    """A `kapi node` serving `repository`, ready (all its models loaded or failed)."""
+    for attempt in range(attempts):
+        node = _spawn(repository, log_dir, explicit, load_models, env or {}, attempt)
+        try:
+            _wait_ready(node)
+        except NodeFailedToStart:
+            node.terminate()
+            if attempt + 1 < attempts and any(s in node.log().lower() for s in _PORT_TAKEN):
+                continue
+            raise
+        return node
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_node(
+    repository: Path,
+    log_dir: Path,
+    *,
+    explicit: bool = False,
+    load_models: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[RunningNode]:
+    """A ready node for the `with` block; stopped (SIGTERM, then SIGKILL) when it ends."""
+    node = start_node(repository, log_dir, explicit=explicit, load_models=load_models, env=env)
+    try:
+        yield node
+    finally:
+        node.terminate()
+
+
+def _spawn(
+    repository: Path,
+    log_dir: Path,
+    explicit: bool,
+    load_models: Sequence[str],
+    env: Mapping[str, str],
+    attempt: int,
+) -> RunningNode:
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    command = [
+        str(KAPI), "node",
+        "--model-repository", str(repository),
+        "--host", HOST,
+        "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port),
+        "--metrics-port", str(metrics_port),
+    ]  # fmt: skip
+    if explicit:
+        command += ["--model-control-mode", "explicit"]
+    for name in load_models:
+        command += ["--load-model", name]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"node-{grpc_port}-{attempt}.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+    return RunningNode(process, grpc_port, http_port, metrics_port, log_path)
+
+
+def _wait_ready(node: RunningNode) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise NodeFailedToStart(
+                f"kapi node exited with {node.process.returncode}:\n{node.log()}"
+            )
+        if node.is_ready():
+            return
+        time.sleep(0.1)
+    raise NodeFailedToStart(f"kapi node not ready after {READY_TIMEOUT_S} s:\n{node.log()}")

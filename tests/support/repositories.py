@@ -1,0 +1,118 @@
+"""The repository the integration suite's shared node serves: every model the tests need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support import models
+
+BATCHING_DELAY_US = 20_000
+BATCHING_MAX_BATCH = 16
+
+
+def triton_config(name: str, version_policy: str) -> str:
+    """A config.pbtxt as a Triton user writes it, with a section kapi skips (optimization)."""
+    return f"""
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+{version_policy}
+input [
+  {{
+    name: "INPUT0"
+    data_type: TYPE_FP32
+    dims: [ 4 ]
+  }}
+]
+output [
+  {{
+    name: "OUTPUT0"
+    data_type: TYPE_FP32
+    dims: [ 4 ]
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: 100
+  preferred_batch_size: [ 4, 8 ]
+}}
+instance_group [
+  {{
+    count: 2
+    kind: KIND_CPU
+  }}
+]
+parameters {{
+  key: "intra_op_thread_count"
+  value: {{ string_value: "1" }}
+}}
+optimization {{ graph {{ level: 1 }} }}
+"""
+
+
+BATCHING_CONFIG = f"""
+name: "batching"
+max_batch_size: {BATCHING_MAX_BATCH}
+dynamic_batching {{ max_queue_delay_microseconds: {BATCHING_DELAY_US} }}
+"""
+
+
+BATCHING_BYTES_CONFIG = f"""
+name: "batching_bytes"
+max_batch_size: {BATCHING_MAX_BATCH}
+dynamic_batching {{ max_queue_delay_microseconds: {BATCHING_DELAY_US} }}
+"""
+
+
+# A lone request waits this long for others to batch with: long enough to time out.
+HELD_DELAY_US = 1_000_000
+HELD_CONFIG = f"""
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: {HELD_DELAY_US} }}
+"""
+
+
+@dataclass(frozen=True)
+class MainRepository:
+    path: Path
+    cnn: models.TinyCnn
+
+
+def build_main_repository(root: Path) -> models.TinyCnn:
+    for datatype in models.DATATYPES:
+        models.save_model(root, f"identity_{datatype.lower()}", models.identity_model(datatype))
+    models.save_model(root, "simple", models.add_sub_model())
+    # Version v adds v, so a response shows which version answered.
+    for version in (1, 2, 3):
+        constant = models.add_constant_model(float(version))
+        models.save_model(
+            root,
+            "triton_all",
+            constant,
+            version,
+            triton_config("triton_all", "version_policy: { all: {} }"),
+        )
+        models.save_model(
+            root,
+            "triton_latest",
+            constant,
+            version,
+            triton_config("triton_latest", "version_policy: { latest: { num_versions: 2 } }"),
+        )
+        models.save_model(
+            root, "triton_default", constant, version, triton_config("triton_default", "")
+        )
+    models.save_model(root, "batching", models.add_constant_model(0.5), config=BATCHING_CONFIG)
+    models.save_model(
+        root, "batching_bytes", models.identity_model("BYTES"), config=BATCHING_BYTES_CONFIG
+    )
+    models.save_model(root, "held", models.add_constant_model(1.0), config=HELD_CONFIG)
+    models.save_model(root, "counted", models.identity_model("FP32"))
+    models.save_model(root, "gather", models.gather_model())
+    models.save_model(root, "reshape", models.reshape_model())
+    models.save_model(root, "corrupt", b"this is not an ONNX model")
+    cnn = models.export_cnn(root / "cnn_onnx" / "1" / "model.onnx")
+    models.convert_to_openvino(
+        root / "cnn_onnx" / "1" / "model.onnx", root / "cnn_openvino" / "1" / "model.xml"
+    )
+    return cnn
