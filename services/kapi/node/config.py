@@ -163,6 +163,8 @@ def _complete_tensors(
             f"model '{model}': config {kind}s {sorted(unknown)} are not in the model, "
             f"which has {sorted(by_name)}"
         )
+    for tensor in declared:  # type: ignore[attr-defined]
+        _check_declared(model, kind, tensor, by_name[tensor.name], skip)
     for spec in specs:
         if spec.name in present:
             continue
@@ -173,4 +175,26 @@ def _complete_tensors(
             )
         declared.add(  # type: ignore[attr-defined]
             name=spec.name, data_type=config_datatype(spec.datatype), dims=spec.shape[skip:]
+        )
+
+
+def _check_declared(model: str, kind: str, tensor: object, spec: TensorSpec, skip: int) -> None:
+    """A declared tensor must agree with the model: a config that claims a size the model
+    cannot take would only fail later, on a request, as an INTERNAL runtime error."""
+    dims = list(tensor.dims)  # type: ignore[attr-defined]
+    if tensor.reshape.shape:  # type: ignore[attr-defined]
+        return  # the config reshapes between the request and the model: sizes differ by design
+    model_dims = list(spec.shape[skip:])
+    if len(dims) != len(model_dims) or any(
+        m != -1 and d != m for d, m in zip(dims, model_dims, strict=True)
+    ):
+        raise InvalidArgument(
+            f"model '{model}': config {kind} '{spec.name}' has dims {dims}, but the model "
+            f"takes {model_dims} (after the batch dimension, -1: any size)"
+        )
+    declared_type = oip_datatype(tensor.data_type)  # type: ignore[attr-defined]
+    if tensor.data_type and declared_type != spec.datatype:  # type: ignore[attr-defined]
+        raise InvalidArgument(
+            f"model '{model}': config {kind} '{spec.name}' is {declared_type}, "
+            f"but the model's is {spec.datatype}"
         )

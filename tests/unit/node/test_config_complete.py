@@ -129,3 +129,35 @@ def test_a_sequence_model_does_not_get_dynamic_batching(tmp_path: Path) -> None:
     except KapiError:
         return  # refusing a sequence model is an acceptable fix
     assert not config.HasField("dynamic_batching")
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        (
+            "dims: [3, -1, -1] data_type: TYPE_FP32",
+            r"has dims \[3, -1, -1\], but the model takes \[3, 8, 8\]",
+        ),
+        (
+            "dims: [3, 8] data_type: TYPE_FP32",
+            r"has dims \[3, 8\], but the model takes \[3, 8, 8\]",
+        ),
+        ("dims: [3, 8, 8] data_type: TYPE_INT8", r"is INT8, but the model's is FP32"),
+    ],
+)
+def test_declared_inputs_that_disagree_with_the_model_are_refused(
+    declared: str, message: str
+) -> None:
+    config = text_format.Parse(
+        f'name: "m" max_batch_size: 4 input [{{ name: "image" {declared} }}]', mc.ModelConfig()
+    )
+    with pytest.raises(InvalidArgument, match=message):
+        complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+
+
+def test_declared_inputs_that_agree_with_the_model_are_kept() -> None:
+    config = _config(
+        'max_batch_size: 4 input [{ name: "image" data_type: TYPE_FP32 dims: [3, 8, 8] }]'
+    )
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert [tensor.name for tensor in config.input] == ["image", "text"]
