@@ -1,0 +1,104 @@
+"""The bench's output: one row per (model, contender, concurrency), the ratios the issue sets
+goals for, a printed table and a JSON file."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nodebench.load import LoadResult
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    model: str
+    contender: str
+    concurrency: int
+    result: LoadResult
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """Throughput of `numerator` over `denominator`, both measured in this run."""
+
+    name: str
+    value: float
+    goal: str
+    met: bool
+
+
+# (name, model, concurrency, numerator, denominator, minimum the goal asks for)
+RATIO_GOALS: list[tuple[str, str, int, str, str, float]] = [
+    ("convnet kapi / in-process, c=1", "convnet", 1, "kapi", "in-process", 0.85),
+    ("convnet kapi / in-process, c=8", "convnet", 8, "kapi", "in-process", 0.85),
+    ("convnet kapi / mlserver, c=1", "convnet", 1, "kapi", "mlserver", 1.0),
+    ("convnet kapi / mlserver, c=8", "convnet", 8, "kapi", "mlserver", 1.0),
+    ("mlp kapi / mlserver, c=1", "mlp", 1, "kapi", "mlserver", 1.0),
+    ("mlp kapi / mlserver, c=8", "mlp", 8, "kapi", "mlserver", 1.0),
+    (
+        "mlp kapi+batching / mlserver+batching, c=8",
+        "mlp",
+        8,
+        "kapi+batching",
+        "mlserver+batching",
+        1.0,
+    ),
+    ("mlp kapi batching on / off, c=8", "mlp", 8, "kapi+batching", "kapi", 2.0),
+]
+
+
+def ratios(rows: list[Row]) -> list[Ratio]:
+    """Every goal whose two rows were measured (a run without the peer skips its ratios)."""
+    throughput = {(r.model, r.contender, r.concurrency): r.result.throughput for r in rows}
+    found: list[Ratio] = []
+    for name, model, concurrency, numerator, denominator, minimum in RATIO_GOALS:
+        top = throughput.get((model, numerator, concurrency))
+        bottom = throughput.get((model, denominator, concurrency))
+        if top is None or bottom is None:
+            continue
+        value = top / bottom
+        goal = f">= {minimum:g}" if minimum != 1.0 else "> 1 (kapi ahead)"
+        met = value >= minimum if minimum != 1.0 else value > 1.0
+        found.append(Ratio(name, value, goal, met))
+    return found
+
+
+def table(rows: list[Row]) -> str:
+    header = f"{'model':<9} {'contender':<18} {'conc':>4} {'req/s':>9} {'p50 ms':>8} "
+    header += f"{'p99 ms':>8} {'requests':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        r = row.result
+        lines.append(
+            f"{row.model:<9} {row.contender:<18} {row.concurrency:>4} {r.throughput:>9.1f} "
+            f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.requests:>9}"
+        )
+    return "\n".join(lines)
+
+
+def ratio_table(found: list[Ratio]) -> str:
+    lines = [f"{'ratio (throughput)':<44} {'value':>6}  {'goal':<17} met"]
+    for ratio in found:
+        lines.append(
+            f"{ratio.name:<44} {ratio.value:>6.2f}  {ratio.goal:<17} {'yes' if ratio.met else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, rows: list[Row], found: list[Ratio], meta: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        **meta,
+        "rows": [
+            {
+                "model": row.model,
+                "contender": row.contender,
+                "concurrency": row.concurrency,
+                **asdict(row.result),
+            }
+            for row in rows
+        ],
+        "ratios": [asdict(ratio) for ratio in found],
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
