@@ -78,11 +78,12 @@ class Scheduler(abc.ABC):
 
 
 class DirectScheduler(Scheduler):
-    """No batching: each request is one execution, `instances` of them at a time."""
+    """No batching: each request is one execution. The runtime's thread pool (one thread per
+    instance) bounds how many run at once; a slot taken here would leave the model idle
+    while the event loop is busy decoding the next request."""
 
     async def submit(self, job: Job) -> Arrays:
-        async with self._slots:
-            await self._execute([job])
+        await self._execute([job])
         return await job.future
 
 
@@ -150,7 +151,9 @@ class DynamicBatcher(Scheduler):
     async def _gather(self) -> list[Job]:
         first, self._carry = self._carry or await self._queue.get(), None
         batch, size = [first], first.batch_size
-        deadline = asyncio.get_running_loop().time() + self._delay_s
+        # As in Triton, the delay counts from the oldest request's arrival, not from now.
+        waited_s = (time.perf_counter_ns() - first.enqueued_ns) / 1e9
+        deadline = asyncio.get_running_loop().time() + self._delay_s - waited_s
         while size < self._max and size not in self._preferred:
             job = await self._next_before(deadline)
             if job is None:
