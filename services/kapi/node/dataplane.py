@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kapi import __version__
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import FailedPrecondition, KapiError, Unavailable
@@ -39,16 +41,14 @@ class DataPlane:
         """Versions, platform, inputs and outputs (with the batch dimension as -1)."""
         model = self.repository.get(name, version)
         batch = [-1] if model.config.max_batch_size > 0 else []
-        inputs = [
-            TensorSpec(t.name, oip_datatype(t.data_type), (*batch, *t.dims))
-            for t in model.config.input
-        ]
-        outputs = [
-            TensorSpec(t.name, oip_datatype(t.data_type), (*batch, *t.dims))
-            for t in model.config.output
-        ]
+
+        def specs(tensors: Iterable[mc.ModelInput | mc.ModelOutput]) -> list[TensorSpec]:
+            return [
+                TensorSpec(t.name, oip_datatype(t.data_type), (*batch, *t.dims)) for t in tensors
+            ]
+
         versions = [str(v) for v in self.repository.ready_versions(name)]
-        return versions, model.platform, inputs, outputs
+        return versions, model.platform, specs(model.config.input), specs(model.config.output)
 
     def model_config(self, name: str, version: str) -> mc.ModelConfig:
         return self.repository.get(name, version).config

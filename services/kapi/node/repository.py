@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -144,6 +145,6 @@ class ModelRepository:
                 rows.append(IndexEntry(name, "", entry.state, entry.reason))
         return rows
 
-    async def _unload_versions(self, versions: object) -> None:
-        for version in list(versions):  # type: ignore[call-overload]
+    async def _unload_versions(self, versions: Iterable[ModelVersion]) -> None:
+        for version in list(versions):
             await version.unload(self._drain_timeout_s)
