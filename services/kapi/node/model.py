@@ -16,7 +16,7 @@ from kapi.core.inference import InferenceRequest, InferenceResponse
 from kapi.core.tensors import Tensor, datatype_of
 from kapi.node.config import choose_runtime, complete_config, oip_datatype
 from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, runtime_class
-from kapi.node.scheduler import DirectScheduler, DynamicBatcher, Job, Scheduler
+from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class ModelVersion:
         return cls(config, version, runtime_name, runtime, stats)
 
     def _make_scheduler(self) -> Scheduler:
-        instances = sum(group.count or 1 for group in self.config.instance_group)
+        instances = self.runtime.instances
         if self.config.max_batch_size > 0 and self.config.HasField("dynamic_batching"):
             return DynamicBatcher(
                 self.name,
@@ -96,7 +96,7 @@ class ModelVersion:
                 self.config.max_batch_size,
                 self.config.dynamic_batching,
             )
-        return DirectScheduler(self.name, self.runtime, self.stats, instances)
+        return Scheduler(self.name, self.runtime, self.stats, instances)
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
         start = time.perf_counter_ns()

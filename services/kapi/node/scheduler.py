@@ -1,11 +1,21 @@
-"""Schedulers: how requests reach a runtime. Direct runs each request on its own; the
-dynamic batcher merges queued requests into one execution and splits the results back."""
+"""Schedulers: how requests reach a runtime, as in Triton. A model has one thread per instance;
+each takes work from the model's queue and runs it on the runtime. The direct scheduler gives
+an instance one request at a time; the dynamic batcher merges queued requests into one
+execution and splits the results back.
+
+The event loop only decodes a request, queues it and awaits its future. Forming a batch and
+starting it happen on the instance's own thread, so an instance starts its next execution the
+moment its last one ends, however busy the loop is; the results of an execution reach the
+loop in one callback.
+"""
 
 from __future__ import annotations
 
-import abc
 import asyncio
+import contextlib
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,64 +41,159 @@ class Job:
     queue_ns: int = 0
 
 
-class Scheduler(abc.ABC):
-    def __init__(self, model: str, runtime: Runtime, stats: ModelStats, instances: int) -> None:
+@dataclass(frozen=True, slots=True)
+class _Execution:
+    """What an instance thread hands back to the loop: a batch and its outcome."""
+
+    jobs: list[Job]
+    outputs: list[Arrays] | None  # one per job; None when the execution failed
+    error: KapiError | None
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+class Scheduler:
+    """The direct scheduler: each request is one execution on the next free instance."""
+
+    def __init__(
+        self,
+        model: str,
+        runtime: Runtime,
+        stats: ModelStats,
+        instances: int,
+        max_queue_size: int = 0,
+    ) -> None:
         self.model = model
         self.runtime = runtime
         self.stats = stats
-        self._slots = asyncio.Semaphore(instances)
+        self._max_queue = max_queue_size
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[Job] = deque()
+        self._ready = threading.Condition()  # guards _queue and _closed
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"{model}:{index}", daemon=True)
+            for index in range(max(instances, 1))
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    @abc.abstractmethod
+    @property
+    def pending(self) -> int:
+        """Requests queued and not yet taken by an instance."""
+        return len(self._queue)
+
     async def submit(self, job: Job) -> Arrays:
-        """Run the job (possibly with others) and return its outputs."""
+        """Queue the job; its outputs come back once an instance has run it."""
+        with self._ready:
+            if self._closed:
+                raise Unavailable(f"model '{self.model}' is unloading")
+            if self._max_queue and len(self._queue) >= self._max_queue:
+                raise ResourceExhausted(
+                    f"model '{self.model}': queue is full ({self._max_queue} requests waiting)"
+                )
+            self._queue.append(job)
+            self._ready.notify()
+        return await job.future
 
     async def close(self) -> None:
-        """Stop taking work; requests still queued fail with UNAVAILABLE."""
+        """Stop taking work and wait for running executions; requests still queued fail
+        with UNAVAILABLE."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        await asyncio.to_thread(self._join)
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():  # its caller may have cancelled already
+                job.future.set_exception(Unavailable(f"model '{self.model}' was unloaded"))
 
-    async def _execute(self, jobs: list[Job]) -> None:
-        """Run `jobs` as one execution and resolve each job's future with its own slice."""
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+    # Everything below runs on the instance threads.
+
+    def _serve(self) -> None:
+        while (jobs := self._take()) is not None:
+            self._execute(jobs)
+
+    def _take(self) -> list[Job] | None:
+        with self._ready:
+            job = self._first()
+            return None if job is None else [job]
+
+    def _first(self) -> Job | None:
+        """The oldest job still wanted, waiting for one; None once closed (close fails what is
+        still queued). Holds _ready."""
+        while not self._closed:
+            while self._queue:
+                job = self._queue.popleft()
+                if not job.future.done():  # skip requests whose caller gave up while queued
+                    return job
+            self._ready.wait()
+        return None
+
+    def _execute(self, jobs: list[Job]) -> None:
+        """Run `jobs` as one execution; hand the results to the loop in one callback."""
         start = time.perf_counter_ns()
         for job in jobs:
             job.queue_ns = start - job.enqueued_ns
+        infer_start = output_start = start
+        outputs: list[Arrays] | None = None
+        error: KapiError | None = None
         try:
             inputs = _merge(jobs)
             wanted = list(dict.fromkeys(name for job in jobs for name in job.outputs))
             infer_start = time.perf_counter_ns()
-            outputs = await self.runtime.infer(inputs, wanted)
+            results = self.runtime.infer(inputs, wanted)
             output_start = time.perf_counter_ns()
-            _split(jobs, outputs)
-        except Exception as exc:  # every waiting request learns why its execution failed
+            outputs = _split(jobs, results)
+        except Exception as exc:  # every request of the execution learns why it failed
             error = (
                 exc
                 if isinstance(exc, KapiError)
                 else InternalError(f"model '{self.model}': inference failed: {exc}")
             )
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
-            return
         end = time.perf_counter_ns()
-        self.stats.record_execution(
-            sum(job.batch_size for job in jobs) or 1,
-            len(jobs),
+        execution = _Execution(
+            jobs,
+            outputs,
+            error,
             infer_start - start,
             output_start - infer_start,
             end - output_start,
         )
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._loop.call_soon_threadsafe(self._deliver, execution)
 
+    # Back on the event loop.
 
-class DirectScheduler(Scheduler):
-    """No batching: each request is one execution. The runtime's thread pool (one thread per
-    instance) bounds how many run at once; a slot taken here would leave the model idle
-    while the event loop is busy decoding the next request."""
-
-    async def submit(self, job: Job) -> Arrays:
-        await self._execute([job])
-        return await job.future
+    def _deliver(self, execution: _Execution) -> None:
+        jobs = execution.jobs
+        if execution.outputs is None:
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(execution.error or InternalError("no outputs"))
+            return
+        for job, outputs in zip(jobs, execution.outputs, strict=True):
+            if not job.future.done():  # the caller may have gone away (cancelled RPC)
+                job.future.set_result(outputs)
+        self.stats.record_execution(
+            sum(job.batch_size for job in jobs) or 1,
+            len(jobs),
+            execution.input_ns,
+            execution.infer_ns,
+            execution.output_ns,
+        )
 
 
 class DynamicBatcher(Scheduler):
-    """Triton's dynamic batcher: queue, merge up to max_batch_size or the queue delay."""
+    """Triton's dynamic batcher: a free instance merges queued requests, up to
+    max_batch_size or a preferred size, waiting at most the queue delay counted from the
+    oldest request's arrival. One instance forms a batch at a time, so while every instance
+    is busy, requests pile up into bigger batches."""
 
     def __init__(
         self,
@@ -99,83 +204,36 @@ class DynamicBatcher(Scheduler):
         max_batch_size: int,
         policy: mc.ModelDynamicBatching,
     ) -> None:
-        super().__init__(model, runtime, stats, instances)
         self._max = max_batch_size
-        self._delay_s = policy.max_queue_delay_microseconds / 1e6
+        self._delay_ns = policy.max_queue_delay_microseconds * 1000
         self._preferred = frozenset(policy.preferred_batch_size)
-        self._max_queue = policy.default_queue_policy.max_queue_size
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._carry: Job | None = None
-        self._running: set[asyncio.Task[None]] = set()
-        self._loop_task = asyncio.create_task(self._batch_forever(), name=f"batcher:{model}")
+        self._gathering = threading.Lock()
+        max_queue = policy.default_queue_policy.max_queue_size
+        super().__init__(model, runtime, stats, instances, max_queue)
 
-    async def submit(self, job: Job) -> Arrays:
-        if self._loop_task.done():
-            raise Unavailable(f"model '{self.model}' is unloading")
-        if self._max_queue and self._queue.qsize() >= self._max_queue:
-            raise ResourceExhausted(
-                f"model '{self.model}': queue is full ({self._max_queue} requests waiting)"
-            )
-        self._queue.put_nowait(job)
-        return await job.future
-
-    async def close(self) -> None:
-        self._loop_task.cancel()
-        await asyncio.gather(self._loop_task, *self._running, return_exceptions=True)
-        pending = [self._carry] if self._carry else []
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
-        for job in pending:
-            if not job.future.done():  # its caller may have cancelled already
-                job.future.set_exception(Unavailable(f"model '{self.model}' was unloaded"))
-
-    async def _batch_forever(self) -> None:
-        while True:
-            # Take an instance first: while all are busy, requests pile up into bigger batches.
-            await self._slots.acquire()
-            try:
-                batch = await self._gather()
-            except BaseException:
-                self._slots.release()
-                raise
-            task = asyncio.create_task(self._execute_then_release(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-
-    async def _execute_then_release(self, batch: list[Job]) -> None:
-        try:
-            await self._execute(batch)
-        finally:
-            self._slots.release()
-
-    async def _gather(self) -> list[Job]:
-        first, self._carry = self._carry or await self._queue.get(), None
-        batch, size = [first], first.batch_size
-        # As in Triton, the delay counts from the oldest request's arrival, not from now.
-        waited_s = (time.perf_counter_ns() - first.enqueued_ns) / 1e9
-        deadline = asyncio.get_running_loop().time() + self._delay_s - waited_s
-        while size < self._max and size not in self._preferred:
-            job = await self._next_before(deadline)
-            if job is None:
-                break
-            if job.signature != first.signature or size + job.batch_size > self._max:
-                self._carry = job
-                break
-            batch.append(job)
-            size += job.batch_size
-        return batch
-
-    async def _next_before(self, deadline: float) -> Job | None:
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            return None
-        try:
-            async with asyncio.timeout(remaining):
-                return await self._queue.get()
-        except TimeoutError:
-            return None
+    def _take(self) -> list[Job] | None:
+        with self._gathering, self._ready:
+            first = self._first()
+            if first is None:
+                return None
+            batch, size = [first], first.batch_size
+            deadline_ns = first.enqueued_ns + self._delay_ns
+            while size < self._max and size not in self._preferred:
+                if not self._queue:
+                    remaining_ns = deadline_ns - time.perf_counter_ns()
+                    if remaining_ns <= 0 or self._closed:
+                        break
+                    self._ready.wait(remaining_ns / 1e9)
+                    continue
+                job = self._queue[0]
+                if job.future.done():
+                    self._queue.popleft()
+                    continue
+                if job.signature != first.signature or size + job.batch_size > self._max:
+                    break  # it starts the next batch
+                batch.append(self._queue.popleft())
+                size += job.batch_size
+            return batch
 
 
 def _merge(jobs: list[Job]) -> Arrays:
@@ -184,17 +242,12 @@ def _merge(jobs: list[Job]) -> Arrays:
     return {name: np.concatenate([job.inputs[name] for job in jobs]) for name in jobs[0].inputs}
 
 
-def _split(jobs: list[Job], outputs: Arrays) -> None:
+def _split(jobs: list[Job], outputs: Arrays) -> list[Arrays]:
     if len(jobs) == 1:
-        _resolve(jobs[0], outputs)
-        return
-    offset = 0
+        return [{name: outputs[name] for name in jobs[0].outputs}]
+    split, offset = [], 0
     for job in jobs:
         end = offset + job.batch_size
-        _resolve(job, {name: outputs[name][offset:end] for name in job.outputs})
+        split.append({name: outputs[name][offset:end] for name in job.outputs})
         offset = end
-
-
-def _resolve(job: Job, outputs: Arrays) -> None:
-    if not job.future.done():  # the caller may have gone away (cancelled RPC)
-        job.future.set_result({name: outputs[name] for name in job.outputs})
+    return split

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +13,6 @@ import numpy.typing as npt
 from kapi.core._generated.inference import model_config_pb2 as mc
 
 Arrays = dict[str, npt.NDArray[np.generic]]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +40,9 @@ class ModelFiles:
 
 
 class Runtime(abc.ABC):
-    """Loads one model version and runs it. Compute runs on the runtime's own thread pool,
-    sized by the model's instance count, so the event loop never blocks on a model."""
+    """Loads one model version and runs it. Loading and unloading run off the event loop;
+    `infer` blocks, and is called on the scheduler's instance threads (one per instance in
+    the model's instance_group), so it may run on that many threads at once."""
 
     #: The file a version directory holds when config.pbtxt names no default_model_filename.
     default_filename: str = ""
@@ -53,15 +50,9 @@ class Runtime(abc.ABC):
     def __init__(self, files: ModelFiles, instances: int) -> None:
         self.files = files
         self.instances = instances
-        self._executor = ThreadPoolExecutor(instances, thread_name_prefix=type(self).__name__)
 
     async def load(self) -> None:
-        await self._run(self._load)
-
-    async def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
-        """Run one (possibly batched) execution of inputs that went through prepare_input;
-        returns the named outputs."""
-        return await self._run(self._infer, inputs, outputs)
+        await asyncio.to_thread(self._load)
 
     def prepare_input(self, name: str, array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
         """One request's input converted to what the runtime takes. Runs before the request
@@ -69,8 +60,7 @@ class Runtime(abc.ABC):
         return array
 
     async def unload(self) -> None:
-        await self._run(self._unload)
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._unload)
 
     @abc.abstractmethod
     def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -80,10 +70,9 @@ class Runtime(abc.ABC):
     def _load(self) -> None: ...
 
     @abc.abstractmethod
-    def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays: ...
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        """Run one (possibly batched) execution of inputs that went through prepare_input;
+        returns the named outputs. Blocks: call it on an instance thread."""
 
     def _unload(self) -> None:
         """Release the model; most runtimes free everything when dropped."""
-
-    async def _run(self, function: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

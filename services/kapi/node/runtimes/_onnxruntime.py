@@ -77,7 +77,7 @@ class OnnxRuntime(Runtime):
             ) from exc
         return text
 
-    def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
         results = self._session.run(outputs, dict(inputs))
         return dict(zip(outputs, results, strict=True))
 

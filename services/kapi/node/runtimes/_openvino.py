@@ -62,7 +62,7 @@ class OpenVinoRuntime(Runtime):
             [_spec(port) for port in self._compiled.outputs],
         )
 
-    def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
         request = self._requests.get()
         try:
             results = request.infer(inputs)

@@ -57,7 +57,7 @@ class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
             (inputs if is_input else outputs).append(spec)
         return inputs, outputs
 
-    def _infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
         device_tensors: dict[str, Any] = {}
         with torch.cuda.stream(self._stream):
             for name, array in inputs.items():

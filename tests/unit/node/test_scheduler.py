@@ -1,0 +1,323 @@
+"""The schedulers on their own, with a runtime that records what it was asked to run and can
+be held busy: which requests merge, when a batch closes, what failures and unloading do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
+from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
+from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
+from kapi.node.stats import ModelStats, NodeMetrics
+from prometheus_client import CollectorRegistry
+
+WAIT_S = 10.0  # a bound for things that must happen; never reached when they do
+LONG_DELAY_US = 60_000_000  # a queue delay no test waits out
+
+
+class RecordingRuntime(Runtime):
+    """Adds one to every input; records each execution's batch; `hold` keeps it busy."""
+
+    def __init__(self, instances: int = 1) -> None:
+        config = mc.ModelConfig(name="m")
+        super().__init__(ModelFiles(Path("."), Path("."), "model", config), instances)
+        self.batches: list[int] = []
+        self.running = 0
+        self.most_at_once = 0
+        self.started = threading.Semaphore(0)
+        self.hold = threading.Event()
+        self.hold.set()
+        self.fail_with: Exception | None = None
+        self._lock = threading.Lock()
+
+    def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        return [], []
+
+    def _load(self) -> None:
+        pass
+
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.batches.append(len(inputs["x"]))
+        self.started.release()
+        try:
+            assert self.hold.wait(WAIT_S), "the test never released the runtime"
+            if self.fail_with is not None:
+                raise self.fail_with
+            return {"y": inputs["x"] + 1}
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    async def wait_started(self, executions: int = 1) -> None:
+        for _ in range(executions):
+            assert await asyncio.to_thread(self.started.acquire, timeout=WAIT_S)
+
+
+def job(rows: int, columns: int = 2, first: float = 0.0, enqueued_ns: int | None = None) -> Job:
+    x = (first + np.arange(rows * columns, dtype=np.float32)).reshape(rows, columns)
+    created = Job(
+        inputs={"x": x},
+        outputs=["y"],
+        batch_size=rows,
+        signature=(("x", "FP32", (columns,)),),
+        future=asyncio.get_running_loop().create_future(),
+    )
+    if enqueued_ns is not None:
+        created.enqueued_ns = enqueued_ns
+    return created
+
+
+def direct(runtime: RecordingRuntime, model_stats: ModelStats | None = None) -> Scheduler:
+    return Scheduler("m", runtime, model_stats or new_stats(), runtime.instances)
+
+
+def batcher(
+    runtime: RecordingRuntime,
+    max_batch_size: int = 8,
+    delay_us: int = LONG_DELAY_US,
+    preferred: tuple[int, ...] = (),
+    max_queue_size: int = 0,
+) -> DynamicBatcher:
+    policy = mc.ModelDynamicBatching(
+        max_queue_delay_microseconds=delay_us, preferred_batch_size=list(preferred)
+    )
+    policy.default_queue_policy.max_queue_size = max_queue_size
+    return DynamicBatcher("m", runtime, new_stats(), runtime.instances, max_batch_size, policy)
+
+
+def new_stats() -> ModelStats:
+    return ModelStats(NodeMetrics(CollectorRegistry()), "m", "1")
+
+
+@contextlib.asynccontextmanager
+async def serving(scheduler: Scheduler) -> AsyncIterator[Scheduler]:
+    """The scheduler, closed (its threads stopped) when the test is done with it."""
+    try:
+        yield scheduler
+    finally:
+        assert isinstance(scheduler.runtime, RecordingRuntime)
+        scheduler.runtime.hold.set()
+        await scheduler.close()
+
+
+def start(scheduler: Scheduler, jobs: list[Job]) -> list[asyncio.Task[Arrays]]:
+    return [asyncio.create_task(scheduler.submit(j)) for j in jobs]
+
+
+async def results(tasks: list[asyncio.Task[Arrays]]) -> list[Arrays]:
+    return await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+
+
+async def until_queued(scheduler: Scheduler, count: int) -> None:
+    """Let the loop run the submit tasks until `count` jobs wait in the queue."""
+    deadline = time.monotonic() + WAIT_S
+    while scheduler.pending < count:
+        assert time.monotonic() < deadline, f"{scheduler.pending} queued, not {count}"
+        await asyncio.sleep(0.001)
+
+
+async def test_direct_runs_each_request_alone_and_returns_its_own_outputs() -> None:
+    runtime = RecordingRuntime()
+    async with serving(direct(runtime)) as scheduler:
+        jobs = [job(1, first=10.0 * n) for n in range(3)] + [job(2, first=99.0)]
+        outputs = await results(start(scheduler, jobs))
+
+    assert sorted(runtime.batches) == [1, 1, 1, 2]
+    for given, got in zip(jobs, outputs, strict=True):
+        np.testing.assert_array_equal(got["y"], given.inputs["x"] + 1, strict=True)
+
+
+async def test_direct_runs_as_many_at_once_as_there_are_instances() -> None:
+    runtime = RecordingRuntime(instances=2)
+    runtime.hold.clear()
+    async with serving(direct(runtime)) as scheduler:
+        tasks = start(scheduler, [job(1, first=n) for n in range(4)])
+        await runtime.wait_started(2)
+        await until_queued(scheduler, 2)
+        assert runtime.running == 2
+        runtime.hold.set()
+        await results(tasks)
+
+    assert runtime.most_at_once == 2
+    assert runtime.batches == [1, 1, 1, 1]
+
+
+async def test_time_queued_counts_as_queue_time_not_compute() -> None:
+    """A request waiting behind a busy instance reports that wait as queue time."""
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    model_stats = new_stats()
+    async with serving(direct(runtime, model_stats)) as scheduler:
+        first, second = job(1), job(1)
+        tasks = start(scheduler, [first, second])
+        await runtime.wait_started()
+        await until_queued(scheduler, 1)
+        await asyncio.sleep(0.05)
+        runtime.hold.set()
+        await results(tasks)
+
+    assert second.queue_ns >= 50_000_000  # it waited while the first one ran
+    assert model_stats.execution_count == 2
+    assert model_stats.compute_infer.count == 2
+    assert model_stats.compute_infer.ns >= 50_000_000  # the first one ran that long
+
+
+async def test_requests_queued_while_the_instance_is_busy_merge_into_one_batch() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, max_batch_size=8, delay_us=0)) as scheduler:
+        busy = start(scheduler, [job(1, first=-1.0)])
+        await runtime.wait_started()
+        jobs = [job(1 + n % 2, first=100.0 * n) for n in range(6)]  # 9 rows in all
+        tasks = start(scheduler, jobs)
+        await until_queued(scheduler, len(jobs))
+        runtime.hold.set()
+        outputs = await results(busy + tasks)
+
+    # The busy execution; then rows 1+2+1+2+1 = 7, as the next request's 2 would make 9 > 8
+    # (a request is never split); then that request on its own.
+    assert runtime.batches == [1, 7, 2]
+    for given, got in zip(jobs, outputs[1:], strict=True):
+        np.testing.assert_array_equal(got["y"], given.inputs["x"] + 1, strict=True)
+
+
+async def test_requests_of_different_shapes_never_merge() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        jobs = [job(1, columns=2), job(1, columns=2), job(1, columns=3), job(1, columns=2)]
+        tasks = start(scheduler, jobs)
+        await until_queued(scheduler, len(jobs))
+        runtime.hold.set()
+        outputs = await results(busy + tasks)
+
+    assert runtime.batches == [1, 2, 1, 1]
+    for given, got in zip(jobs, outputs[1:], strict=True):
+        assert got["y"].shape == given.inputs["x"].shape
+
+
+async def test_a_preferred_batch_size_closes_the_batch_without_waiting_out_the_delay() -> None:
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, preferred=(2,))) as scheduler:
+        await results(start(scheduler, [job(1), job(1)]))
+
+    assert runtime.batches == [2]
+
+
+async def test_a_full_batch_closes_without_waiting_out_the_delay() -> None:
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, max_batch_size=3)) as scheduler:
+        await results(start(scheduler, [job(2), job(1)]))
+
+    assert runtime.batches == [3]
+
+
+async def test_the_delay_counts_from_the_oldest_requests_arrival() -> None:
+    """A request that already waited longer than the delay runs at once, alone."""
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, delay_us=LONG_DELAY_US)) as scheduler:
+        old = job(1, enqueued_ns=time.perf_counter_ns() - 2 * LONG_DELAY_US * 1000)
+        await results(start(scheduler, [old]))
+
+    assert runtime.batches == [1]
+
+
+async def test_a_full_queue_refuses_with_resource_exhausted() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0, max_queue_size=2)) as scheduler:
+        tasks = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        tasks += start(scheduler, [job(1), job(1)])
+        await until_queued(scheduler, 2)
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await scheduler.submit(job(1))
+        runtime.hold.set()
+        await results(tasks)
+
+    assert runtime.batches == [1, 2]
+
+
+async def test_a_failed_execution_fails_its_requests_and_the_model_serves_on() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        doomed = start(scheduler, [job(1), job(1)])
+        await until_queued(scheduler, 2)
+        runtime.fail_with = ValueError("device on fire")
+        runtime.hold.set()
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*busy, *doomed, return_exceptions=True), WAIT_S
+        )
+        runtime.fail_with = None
+        (after,) = await results(start(scheduler, [job(1, first=5.0)]))
+
+    assert all(isinstance(outcome, InternalError) for outcome in outcomes)
+    assert "inference failed: device on fire" in str(outcomes[-1])
+    np.testing.assert_array_equal(after["y"], [[6.0, 7.0]])
+
+
+async def test_a_kapi_error_from_the_runtime_reaches_the_caller_as_it_is() -> None:
+    runtime = RecordingRuntime()
+    runtime.fail_with = InvalidArgument("bad tensor")
+    async with serving(direct(runtime)) as scheduler:
+        with pytest.raises(InvalidArgument, match="bad tensor"):
+            await results(start(scheduler, [job(1)]))
+
+
+async def test_a_request_cancelled_while_queued_is_not_run() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(direct(runtime)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        (abandoned,) = start(scheduler, [job(3)])
+        await until_queued(scheduler, 1)
+        abandoned.cancel()
+        tasks = start(scheduler, [job(2)])
+        await until_queued(scheduler, 2)
+        runtime.hold.set()
+        await results(busy + tasks)
+
+    assert abandoned.cancelled()
+    assert runtime.batches == [1, 2]
+
+
+async def test_closing_finishes_running_work_and_fails_what_is_queued() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    scheduler = batcher(runtime, delay_us=0)
+    running = start(scheduler, [job(1)])
+    await runtime.wait_started()
+    queued = start(scheduler, [job(1), job(1)])
+    await until_queued(scheduler, 2)
+
+    closing = asyncio.create_task(scheduler.close())
+    await asyncio.sleep(0.01)
+    assert not closing.done()  # waits for the running execution
+    runtime.hold.set()
+    await asyncio.wait_for(closing, WAIT_S)
+
+    (done,) = await results(running)
+    np.testing.assert_array_equal(done["y"], [[1.0, 2.0]])
+    for task in queued:
+        with pytest.raises(Unavailable, match="unloaded"):
+            await task
+    with pytest.raises(Unavailable, match="unloading"):
+        await scheduler.submit(job(1))
+    assert runtime.batches == [1]
