@@ -7,6 +7,7 @@ come from torch, which every GPU image of the node carries.
 
 from __future__ import annotations
 
+import queue
 from typing import Any
 
 import numpy as np
@@ -44,8 +45,12 @@ class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
         if self._engine is None:
             raise Unavailable(f"{self.files.path}: TensorRT could not deserialize the engine")
         self._names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        # One execution context and stream per instance: instance threads run at once, and a
+        # context holds the shapes and addresses of the execution it is running.
+        self._slots: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        for _ in range(self.instances):
+            stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            self._slots.put((self._engine.create_execution_context(), stream))
 
     def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         inputs: list[TensorSpec] = []
@@ -58,21 +63,28 @@ class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
         return inputs, outputs
 
     def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        context, stream = self._slots.get()
+        try:
+            return self._execute(context, stream, inputs, outputs)
+        finally:
+            self._slots.put((context, stream))
+
+    def _execute(self, context: Any, stream: Any, inputs: Arrays, outputs: list[str]) -> Arrays:
         device_tensors: dict[str, Any] = {}
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             for name, array in inputs.items():
                 device_tensors[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-                self._context.set_input_shape(name, tuple(array.shape))
-                self._context.set_tensor_address(name, device_tensors[name].data_ptr())
+                context.set_input_shape(name, tuple(array.shape))
+                context.set_tensor_address(name, device_tensors[name].data_ptr())
             for name in self._names:
                 if name in inputs:
                     continue
-                shape = tuple(self._context.get_tensor_shape(name))
+                shape = tuple(context.get_tensor_shape(name))
                 dtype = torch.from_numpy(
                     np.empty(0, trt.nptype(self._engine.get_tensor_dtype(name)))
                 )
                 device_tensors[name] = torch.empty(shape, dtype=dtype.dtype, device="cuda")
-                self._context.set_tensor_address(name, device_tensors[name].data_ptr())
-            self._context.execute_async_v3(self._stream.cuda_stream)
-        self._stream.synchronize()
+                context.set_tensor_address(name, device_tensors[name].data_ptr())
+            context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
         return {name: device_tensors[name].cpu().numpy() for name in outputs}
