@@ -1,9 +1,15 @@
-"""The two benchmark models, defined in torch and exported to ONNX (opset 17, dynamic batch).
+"""The benchmark models, defined in torch and exported to ONNX (opset 17, dynamic batch).
 
-The conv net is a small ResNet (four residual stages, 32 to 256 channels) on 224x224 images:
-compute-bound, ~7 ms per image on one core of the bench machine. The MLP is four 2048-wide
-Linear+ReLU layers (64 MiB of weights, 8 KiB per request): memory-bound, so a batch of 8 costs
-barely more than a batch of 1 and dynamic batching shows.
+`convnet` is ResNet-18 (torchvision's architecture, 11.7 M parameters, random weights) on
+1x3x224x224 images: compute-bound, 40-46 ms per image (min-median) on one core of the 2-vCPU
+bench VM with ONNX Runtime at intra_op_num_threads=1. It is the conv net the node's goals are
+held to. `convnet-small` is a smaller ResNet (one BasicBlock per stage, 32 to 256 channels),
+6-7 ms per image the same way: the transport-bound case. The Python gRPC transport of its
+600 KB request costs ~2.4 ms of CPU per request (server and client together), about a third of
+its compute, which caps any Python gRPC server at about 0.74x in-process throughput on it; it
+is kept to show that cost. The MLP is four 2048-wide Linear+ReLU layers (64 MiB of weights,
+8 KiB per request): memory-bound, so a batch of 8 costs barely more than a batch of 1 and
+dynamic batching shows.
 """
 
 from __future__ import annotations
@@ -55,8 +61,27 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int) -> list[nn.Module]:
     return [conv, nn.BatchNorm2d(cout)]
 
 
-def convnet(width: int = 32, classes: int = 1000) -> nn.Module:
-    """A ResNet-ish image classifier for 3x224x224 inputs."""
+def resnet18(classes: int = 1000) -> nn.Module:
+    """ResNet-18 as torchvision builds it: a 7x7/2 stem and max-pool, four stages of two
+    BasicBlocks (64, 128, 256, 512 channels; strides 1, 2, 2, 2), average-pool, fc."""
+    stages: list[nn.Module] = []
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        stages += [_Residual(cin, cout, stride), _Residual(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(
+        *_conv_bn(3, 64, 7, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+        *stages,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, classes),
+    )
+
+
+def convnet_small(width: int = 32, classes: int = 1000) -> nn.Module:
+    """A smaller ResNet: the same stem, one BasicBlock per stage, `width` to 8 x `width`."""
     return nn.Sequential(
         *_conv_bn(3, width, 7, 2),
         nn.ReLU(),
@@ -101,6 +126,7 @@ def export(module: nn.Module, name: str, shape: tuple[int, ...], directory: Path
 def build_models(directory: Path) -> list[ModelSpec]:
     torch.manual_seed(0)
     return [
-        export(convnet(), "convnet", (1, 3, 224, 224), directory),
+        export(resnet18(), "convnet", (1, 3, 224, 224), directory),
+        export(convnet_small(), "convnet-small", (1, 3, 224, 224), directory),
         export(mlp(), "mlp", (1, 2048), directory),
     ]
