@@ -92,3 +92,30 @@ def test_sigterm_on_an_idle_node_exits_promptly(
 
     assert node.process.wait(timeout=30) == 0
     assert ready_status(node) is None
+
+
+def test_sigterm_answers_an_open_stream_then_ends_it(
+    tmp_path: Path, start_kapi_node: NodeFactory
+) -> None:
+    """A client keeps its stream open; the node answers the request in flight on it, ends
+    the stream and exits, without waiting out its 120 s drain timeout."""
+    models.save_model(tmp_path, "slow", models.add_constant_model(1.0), config=SLOW_CONFIG)
+    node = start_kapi_node(tmp_path, env={"KAPI_NODE_DRAIN_TIMEOUT_S": "120"})
+    outcomes: queue.Queue[Outcome] = queue.Queue()
+    with grpcclient.InferenceServerClient(node.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: outcomes.put((result, error)))
+        client.async_stream_infer("slow", add_input(41.0), request_id="held")
+        time.sleep(0.5)  # the request reaches the batcher, which holds it for 3 s
+        assert outcomes.empty()
+
+        node.process.send_signal(signal.SIGTERM)
+        result, error = outcomes.get(timeout=30)
+        exit_code = node.process.wait(timeout=30)
+        client.stop_stream()
+
+    assert error is None
+    assert result is not None
+    assert result.get_response().id == "held"
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), 42.0))
+    assert exit_code == 0
+    assert "node stopped" in node.log()

@@ -79,16 +79,22 @@ def test_request_over_the_message_limit(limited_node: RunningNode) -> None:
 
 
 def test_response_over_the_message_limit(limited_node: RunningNode) -> None:
-    """A request under the limit whose response is over it."""
+    """A request under the limit whose response is over it fails as a failure, saying why,
+    and the node serves on."""
     data = np.ones((1, LIMIT // 4 // 8 + 1024), dtype=np.float32)
     with grpcclient.InferenceServerClient(limited_node.grpc_url) as client:
         expect_error(
             lambda: client.infer("tile", [infer_input("INPUT0", data, "FP32")]),
             "StatusCode.RESOURCE_EXHAUSTED",
+            f"take {data.nbytes * 8} bytes, more than the node's message limit of {LIMIT}",
         )
         result = client.infer("tile", [infer_input("INPUT0", data[:, :16], "FP32")])
+        (stats,) = client.get_inference_statistics("tile").model_stats
 
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.ones((1, 128)))
+    assert stats.inference_stats.fail.count == 1
+    assert stats.inference_stats.success.count == 1
+    assert "Traceback" not in limited_node.log()
 
 
 def test_client_deadline_while_queued(client: grpcclient.InferenceServerClient) -> None:

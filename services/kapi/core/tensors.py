@@ -115,6 +115,21 @@ def to_raw(tensor: Tensor) -> bytes:
     return np.ascontiguousarray(tensor.data).tobytes()
 
 
+def raw_size(array: npt.NDArray[np.generic]) -> int:
+    """How many bytes `to_raw` makes of an array: BYTES elements take 4 + their length."""
+    if array.dtype.kind not in "OSU":
+        return array.nbytes
+    return sum(_LENGTH.size + _element_size(item) for item in array.flat)
+
+
+def _element_size(item: object) -> int:
+    if isinstance(item, str):
+        return len(item.encode())
+    if isinstance(item, bytes):
+        return len(item)
+    return 0  # not a BYTES element: serialize_bytes refuses it with its own error
+
+
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     parts: list[bytes] = []
     item: Any

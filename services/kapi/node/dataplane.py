@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 from kapi import __version__
@@ -19,9 +20,17 @@ EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_t
 
 
 class DataPlane:
-    def __init__(self, repository: ModelRepository, explicit_model_control: bool) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        explicit_model_control: bool,
+        max_response_bytes: int = 0,
+    ) -> None:
         self.repository = repository
         self.explicit_model_control = explicit_model_control
+        self.max_response_bytes = max_response_bytes  # 0: no limit
+        # Set when the node drains: open streams take no more requests and end.
+        self.draining = asyncio.Event()
         self.live = True
         self.ready = False
 
@@ -57,7 +66,7 @@ class DataPlane:
         if not self.ready:
             raise Unavailable("the server is not ready: starting up or draining")
         model = self.repository.get(request.model_name, request.model_version)
-        return await model.infer(request)
+        return await model.infer(request, self.max_response_bytes)
 
     def statistics(self, name: str, version: str) -> list[tuple[str, str, ModelStats]]:
         models = [self.repository.get(name, version)] if name else self.repository.loaded()

@@ -20,6 +20,7 @@ from kapi.node.stats import Duration, ModelStats
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
+T = TypeVar("T")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
@@ -127,7 +128,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently (so they can batch); each response
-        carries its request's id, and an error travels in error_message, as in Triton."""
+        carries its request's id, and an error travels in error_message, as in Triton.
+        When the node drains, the stream reads no more requests, answers those in flight
+        and ends, so an idle open stream does not hold up the node's exit."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
@@ -144,7 +147,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 results.put_nowait(message)
 
         async def read_all() -> None:
-            async for request in requests:
+            async for request in _until(self.dataplane.draining, requests):
                 task = asyncio.create_task(answer(request))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -203,6 +206,23 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
     target.count, target.ns = source.count, source.ns
+
+
+async def _until(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The items (never None), until they end or the event is set, whichever is first."""
+    stop = asyncio.ensure_future(event.wait())
+    try:
+        while not event.is_set():
+            pending = asyncio.ensure_future(anext(items, None))
+            await asyncio.wait((pending, stop), return_when=asyncio.FIRST_COMPLETED)
+            if not pending.done():
+                pending.cancel()
+                return
+            if (item := pending.result()) is None:
+                return
+            yield item
+    finally:
+        stop.cancel()
 
 
 def _fill_statistics(target: pb.ModelStatistics, stats: ModelStats) -> None:

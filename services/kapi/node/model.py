@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import InternalError, InvalidArgument, KapiError
+from kapi.core.errors import InternalError, InvalidArgument, KapiError, ResourceExhausted
 from kapi.core.inference import InferenceRequest, InferenceResponse
-from kapi.core.tensors import Tensor, datatype_of
+from kapi.core.tensors import Tensor, datatype_of, raw_size
 from kapi.node.config import choose_runtime, complete_config, oip_datatype
-from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, runtime_class
+from kapi.node.runtimes import PLATFORM_OF, Arrays, ModelFiles, Runtime, runtime_class
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
 
@@ -98,7 +98,11 @@ class ModelVersion:
             )
         return Scheduler(self.name, self.runtime, self.stats, instances)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    async def infer(
+        self, request: InferenceRequest, max_response_bytes: int = 0
+    ) -> InferenceResponse:
+        """Run one request. Outputs whose raw bytes exceed `max_response_bytes` (0: no limit)
+        fail it with RESOURCE_EXHAUSTED, as the response could not be sent."""
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._drained.clear()
@@ -106,6 +110,8 @@ class ModelVersion:
         try:
             job = self._make_job(request)
             outputs = await self.scheduler.submit(job)
+            if max_response_bytes:
+                self._check_response_size(outputs, job.outputs, max_response_bytes)
         except BaseException:
             self.stats.record_request(time.perf_counter_ns() - start, 0, False, 0)
             raise
@@ -127,6 +133,15 @@ class ModelVersion:
             log.warning("unloading with requests in flight", extra={"model": self.name})
         await self.scheduler.close()
         await self.runtime.unload()
+
+    def _check_response_size(self, outputs: Arrays, names: list[str], limit: int) -> None:
+        size = sum(raw_size(outputs[name]) for name in names)
+        if size > limit:
+            raise ResourceExhausted(
+                f"model '{self.name}': the response's outputs take {size} bytes, more than "
+                f"the node's message limit of {limit} bytes (KAPI_NODE_MAX_MESSAGE_BYTES); "
+                f"request fewer rows or fewer outputs"
+            )
 
     def _make_job(self, request: InferenceRequest) -> Job:
         batching = self.config.max_batch_size > 0

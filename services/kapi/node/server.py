@@ -53,7 +53,11 @@ class NodeServer:
             settings.default_max_batch_size,
             settings.drain_timeout_s,
         )
-        self.dataplane = DataPlane(self.repository, settings.model_control_mode == "explicit")
+        self.dataplane = DataPlane(
+            self.repository,
+            settings.model_control_mode == "explicit",
+            settings.max_message_bytes,
+        )
         self.health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
 
@@ -72,6 +76,7 @@ class NodeServer:
         await self._stop.wait()
         log.info("draining")
         await self._set_ready(False)
+        self.dataplane.draining.set()
         await grpc_server.stop(self.settings.drain_timeout_s)
         await self.repository.close()
         for server in http_servers:

@@ -16,6 +16,7 @@ from kapi.core.tensors import (
     element_count,
     from_raw,
     from_values,
+    raw_size,
     to_raw,
 )
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
@@ -163,6 +164,21 @@ def test_bytes_wire_format_is_length_prefixed() -> None:
     assert BYTES_WIRE.startswith(b"\x02\x00\x00\x00ab\x00\x00\x00\x00\x02\x00\x00\x00\xc3\xa9")
     data = np.array(BYTES_VALUES, dtype=np.object_).reshape(SHAPE)
     assert to_raw(Tensor("s", "BYTES", SHAPE, data)) == BYTES_WIRE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.arange(6, dtype=np.int64)[::2],
+        np.array(BYTES_VALUES, dtype=np.object_).reshape(SHAPE),
+        np.array(["\u00e9t\u00e9", "ok"]),
+        np.array([b"abc", b""]),
+    ],
+)
+def test_raw_size_is_the_length_of_the_raw_encoding(data: npt.NDArray[Any]) -> None:
+    tensor = Tensor("t", datatype_of(data), data.shape, data)
+    assert raw_size(data) == len(to_raw(tensor))
 
 
 def test_bytes_from_raw() -> None:
