@@ -98,7 +98,8 @@ def test_sigterm_answers_an_open_stream_then_ends_it(
     tmp_path: Path, start_kapi_node: NodeFactory
 ) -> None:
     """A client keeps its stream open; the node answers the request in flight on it, ends
-    the stream and exits, without waiting out its 120 s drain timeout."""
+    the stream with UNAVAILABLE (so the client knows to go elsewhere) and exits, without
+    waiting out its 120 s drain timeout."""
     models.save_model(tmp_path, "slow", models.add_constant_model(1.0), config=SLOW_CONFIG)
     node = start_kapi_node(tmp_path, env={"KAPI_NODE_DRAIN_TIMEOUT_S": "120"})
     outcomes: queue.Queue[Outcome] = queue.Queue()
@@ -110,6 +111,7 @@ def test_sigterm_answers_an_open_stream_then_ends_it(
 
         node.process.send_signal(signal.SIGTERM)
         result, error = outcomes.get(timeout=30)
+        _, stream_end = outcomes.get(timeout=30)
         exit_code = node.process.wait(timeout=30)
         client.stop_stream()
 
@@ -117,5 +119,8 @@ def test_sigterm_answers_an_open_stream_then_ends_it(
     assert result is not None
     assert result.get_response().id == "held"
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full((1, 4), 42.0))
+    assert stream_end is not None
+    assert stream_end.status() == "StatusCode.UNAVAILABLE"
+    assert "draining" in stream_end.message()
     assert exit_code == 0
     assert "node stopped" in node.log()

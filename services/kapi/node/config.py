@@ -76,6 +76,12 @@ def _check_servable(config: mc.ModelConfig) -> None:
         )
     if config.model_transaction_policy.decoupled:
         raise InvalidArgument(f"model '{config.name}': decoupled models are not supported by kapi")
+    for group in config.instance_group:
+        if group.count < 0:
+            raise InvalidArgument(
+                f"model '{config.name}': instance_group count is {group.count}; it must be 1 "
+                "or more (0 or none: 1)"
+            )
 
 
 def available_versions(model_dir: Path) -> list[int]:

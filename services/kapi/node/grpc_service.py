@@ -20,7 +20,6 @@ from kapi.node.stats import Duration, ModelStats
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
-T = TypeVar("T")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
@@ -130,9 +129,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Requests on one stream run concurrently (so they can batch); each response
         carries its request's id, and an error travels in error_message, as in Triton.
         When the node drains, the stream reads no more requests, answers those in flight
-        and ends, so an idle open stream does not hold up the node's exit."""
+        and ends with UNAVAILABLE, so the client knows to send the rest elsewhere and an
+        idle open stream does not hold up the node's exit."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        reading, cut_short = True, False
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
@@ -147,21 +148,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 results.put_nowait(message)
 
         async def read_all() -> None:
-            async for request in _until(self.dataplane.draining, requests):
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            nonlocal reading, cut_short
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except asyncio.CancelledError:
+                if not self.dataplane.draining.is_set():
+                    raise
+                cut_short = True
+            reading = False
             await asyncio.gather(*tasks)
             results.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
+        # Draining cancels the read in progress; nothing else in read_all awaits while
+        # `reading`, so the cancellation cannot land between a request and its task.
+        drain = asyncio.create_task(self.dataplane.draining.wait())
+        drain.add_done_callback(lambda _: reading and reader.cancel())
         try:
             while (message := await results.get()) is not None:
                 yield message
         finally:
+            drain.cancel()
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+        if cut_short:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the node is draining: this stream takes no more requests; any sent after "
+                "the last response were not read, send them again to another node",
+            )
 
     @rpc
     async def ModelStatistics(
@@ -206,23 +225,6 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 
 def _duration(target: pb.StatisticDuration, source: Duration) -> None:
     target.count, target.ns = source.count, source.ns
-
-
-async def _until(event: asyncio.Event, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    """The items (never None), until they end or the event is set, whichever is first."""
-    stop = asyncio.ensure_future(event.wait())
-    try:
-        while not event.is_set():
-            pending = asyncio.ensure_future(anext(items, None))
-            await asyncio.wait((pending, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not pending.done():
-                pending.cancel()
-                return
-            if (item := pending.result()) is None:
-                return
-            yield item
-    finally:
-        stop.cancel()
 
 
 def _fill_statistics(target: pb.ModelStatistics, stats: ModelStats) -> None:

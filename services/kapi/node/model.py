@@ -20,6 +20,9 @@ from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
 
 log = logging.getLogger(__name__)
+# Room kept for the rest of a response message (names, shapes, parameters) around the
+# outputs' raw bytes, so a response that passes the size check also fits the gRPC limit.
+RESPONSE_ENVELOPE_BYTES = 64 * 1024
 
 
 class ModelVersion:
@@ -101,8 +104,8 @@ class ModelVersion:
     async def infer(
         self, request: InferenceRequest, max_response_bytes: int = 0
     ) -> InferenceResponse:
-        """Run one request. Outputs whose raw bytes exceed `max_response_bytes` (0: no limit)
-        fail it with RESOURCE_EXHAUSTED, as the response could not be sent."""
+        """Run one request. Outputs too large for a response of `max_response_bytes`
+        (0: no limit) fail it with RESOURCE_EXHAUSTED, as the response could not be sent."""
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._drained.clear()
@@ -136,11 +139,11 @@ class ModelVersion:
 
     def _check_response_size(self, outputs: Arrays, names: list[str], limit: int) -> None:
         size = sum(raw_size(outputs[name]) for name in names)
-        if size > limit:
+        if size > limit - RESPONSE_ENVELOPE_BYTES:
             raise ResourceExhausted(
-                f"model '{self.name}': the response's outputs take {size} bytes, more than "
-                f"the node's message limit of {limit} bytes (KAPI_NODE_MAX_MESSAGE_BYTES); "
-                f"request fewer rows or fewer outputs"
+                f"model '{self.name}': the response's outputs take {size} bytes; with the "
+                f"message around them that is over the node's message limit of {limit} bytes "
+                f"(KAPI_NODE_MAX_MESSAGE_BYTES); request fewer rows or fewer outputs"
             )
 
     def _make_job(self, request: InferenceRequest) -> Job:

@@ -12,7 +12,7 @@ loop in one callback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import InternalError, KapiError, ResourceExhausted, Unavailable
+from kapi.core.errors import InternalError, KapiError, Unavailable
 from kapi.node.runtimes import Arrays, Runtime
 from kapi.node.stats import ModelStats
 
+log = logging.getLogger(__name__)
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
@@ -90,34 +91,63 @@ class Scheduler:
             if self._closed:
                 raise Unavailable(f"model '{self.model}' is unloading")
             if self._max_queue and len(self._queue) >= self._max_queue:
-                raise ResourceExhausted(
-                    f"model '{self.model}': queue is full ({self._max_queue} requests waiting)"
-                )
+                self._drop_abandoned()
+                if len(self._queue) >= self._max_queue:  # Triton's status and words
+                    raise Unavailable(
+                        f"model '{self.model}': exceeds maximum queue size "
+                        f"({self._max_queue} requests waiting)"
+                    )
             self._queue.append(job)
             self._ready.notify()
         return await job.future
 
     async def close(self) -> None:
-        """Stop taking work and wait for running executions; requests still queued fail
-        with UNAVAILABLE."""
+        """Stop taking work: requests still queued fail with UNAVAILABLE at once; then wait
+        for the executions running (a batch being formed runs with what it has)."""
+        self._deliver(self._stop_taking())
+        await asyncio.to_thread(self._join)
+
+    def _stop_taking(self) -> _Execution:
+        """Close the queue; what was in it, as a failed execution to deliver."""
         with self._ready:
             self._closed = True
             self._ready.notify_all()
-        await asyncio.to_thread(self._join)
-        while self._queue:
-            job = self._queue.popleft()
-            if not job.future.done():  # its caller may have cancelled already
-                job.future.set_exception(Unavailable(f"model '{self.model}' was unloaded"))
+            queued = list(self._queue)
+            self._queue.clear()
+        error = Unavailable(f"model '{self.model}' was unloaded")
+        return _Execution(queued, None, error, 0, 0, 0)
+
+    def _drop_abandoned(self) -> None:
+        """Forget queued requests whose caller gave up. Holds _ready."""
+        live = [job for job in self._queue if not job.future.done()]
+        self._queue.clear()
+        self._queue.extend(live)
 
     def _join(self) -> None:
         for thread in self._threads:
             thread.join()
 
+    def _to_loop(self, execution: _Execution) -> bool:
+        """Deliver from an instance thread; False when the loop is closed."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, execution)
+        except RuntimeError:
+            return False
+        return True
+
     # Everything below runs on the instance threads.
 
     def _serve(self) -> None:
-        while (jobs := self._take()) is not None:
-            self._execute(jobs)
+        try:
+            while (jobs := self._take()) is not None:
+                if not self._execute(jobs):
+                    self._stop_taking()  # the loop is closed: nobody waits any more
+        except BaseException:  # a bug: fail what waits rather than let it hang
+            log.exception(
+                "instance thread failed; the model takes no more requests",
+                extra={"model": self.model},
+            )
+            self._to_loop(self._stop_taking())
 
     def _take(self) -> list[Job] | None:
         with self._ready:
@@ -135,8 +165,12 @@ class Scheduler:
             self._ready.wait()
         return None
 
-    def _execute(self, jobs: list[Job]) -> None:
-        """Run `jobs` as one execution; hand the results to the loop in one callback."""
+    def _execute(self, jobs: list[Job]) -> bool:
+        """Run `jobs` as one execution; hand the results to the loop in one callback.
+        False when the loop is closed."""
+        jobs = [job for job in jobs if not job.future.done()]  # callers gone while batching
+        if not jobs:
+            return True
         start = time.perf_counter_ns()
         for job in jobs:
             job.queue_ns = start - job.enqueued_ns
@@ -150,7 +184,7 @@ class Scheduler:
             results = self.runtime.infer(inputs, wanted)
             output_start = time.perf_counter_ns()
             outputs = _split(jobs, results)
-        except Exception as exc:  # every request of the execution learns why it failed
+        except BaseException as exc:  # every request of the execution learns why it failed
             error = (
                 exc
                 if isinstance(exc, KapiError)
@@ -165,8 +199,7 @@ class Scheduler:
             output_start - infer_start,
             end - output_start,
         )
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self._loop.call_soon_threadsafe(self._deliver, execution)
+        return self._to_loop(execution)
 
     # Back on the event loop.
 
@@ -223,7 +256,7 @@ class DynamicBatcher(Scheduler):
                     remaining_ns = deadline_ns - time.perf_counter_ns()
                     if remaining_ns <= 0 or self._closed:
                         break
-                    self._ready.wait(remaining_ns / 1e9)
+                    self._ready.wait(min(remaining_ns / 1e9, threading.TIMEOUT_MAX))
                     continue
                 job = self._queue[0]
                 if job.future.done():
@@ -245,6 +278,13 @@ def _merge(jobs: list[Job]) -> Arrays:
 def _split(jobs: list[Job], outputs: Arrays) -> list[Arrays]:
     if len(jobs) == 1:
         return [{name: outputs[name] for name in jobs[0].outputs}]
+    rows = sum(job.batch_size for job in jobs)
+    for name, array in outputs.items():
+        if array.shape[:1] != (rows,):
+            raise InternalError(
+                f"output '{name}' has shape {list(array.shape)}, not {rows} rows for a batch "
+                f"of {rows}: its first dimension must be the batch"
+            )
     split, offset = [], 0
     for job in jobs:
         end = offset + job.batch_size

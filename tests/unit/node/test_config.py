@@ -175,6 +175,12 @@ def test_models_kapi_cannot_serve_are_refused(tmp_path: Path, section: str) -> N
         read_config(_model_dir(tmp_path, text))
 
 
+def test_a_negative_instance_count_is_refused(tmp_path: Path) -> None:
+    text = 'name: "resnet"\ninstance_group [ { count: -1 kind: KIND_CPU } ]\n'
+    with pytest.raises(InvalidArgument, match=r"instance_group count is -1; it must be 1 or more"):
+        read_config(_model_dir(tmp_path, text))
+
+
 def test_triton_config_parses_in_triton_too() -> None:
     """The sample above is a valid Triton config, so skipping its extra sections is required."""
     config = text_format.Parse(TRITON_CONFIG, triton_mc.ModelConfig())

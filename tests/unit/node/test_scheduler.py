@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
+from kapi.core.errors import InternalError, InvalidArgument, Unavailable
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
@@ -209,6 +209,56 @@ async def test_requests_of_different_shapes_never_merge() -> None:
         assert got["y"].shape == given.inputs["x"].shape
 
 
+async def test_a_free_instance_waits_within_the_delay_for_company() -> None:
+    """The first request does not run alone at once: the second, sent after it, joins it."""
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, max_batch_size=2)) as scheduler:
+        (first,) = start(scheduler, [job(1)])
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        await results([first, *start(scheduler, [job(1)])])
+
+    assert runtime.batches == [2]
+
+
+async def test_a_lone_request_runs_once_the_delay_has_passed() -> None:
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, delay_us=100_000)) as scheduler:
+        await results(start(scheduler, [job(1)]))
+
+    assert runtime.batches == [1]
+
+
+async def test_one_instance_at_a_time_forms_a_batch() -> None:
+    """With two idle instances, the second request joins the first one's batch instead of
+    starting a batch of its own on the other instance."""
+    runtime = RecordingRuntime(instances=2)
+    async with serving(batcher(runtime, max_batch_size=3)) as scheduler:
+        (first,) = start(scheduler, [job(1)])
+        await asyncio.sleep(0.05)
+        (second,) = start(scheduler, [job(1)])
+        await asyncio.sleep(0.05)
+        await results([first, second, *start(scheduler, [job(1)])])
+
+    assert runtime.batches == [3]
+
+
+async def test_a_request_abandoned_while_its_batch_forms_is_left_out() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        first, abandoned, last = start(scheduler, [job(1), job(3), job(1)])
+        await until_queued(scheduler, 3)
+        abandoned.cancel()
+        await asyncio.sleep(0)  # the cancellation lands
+        runtime.hold.set()
+        await results([*busy, first, last])
+
+    assert runtime.batches == [1, 2]
+
+
 async def test_a_preferred_batch_size_closes_the_batch_without_waiting_out_the_delay() -> None:
     runtime = RecordingRuntime()
     async with serving(batcher(runtime, preferred=(2,))) as scheduler:
@@ -235,7 +285,7 @@ async def test_the_delay_counts_from_the_oldest_requests_arrival() -> None:
     assert runtime.batches == [1]
 
 
-async def test_a_full_queue_refuses_with_resource_exhausted() -> None:
+async def test_a_full_queue_refuses_as_triton_does() -> None:
     runtime = RecordingRuntime()
     runtime.hold.clear()
     async with serving(batcher(runtime, delay_us=0, max_queue_size=2)) as scheduler:
@@ -243,12 +293,32 @@ async def test_a_full_queue_refuses_with_resource_exhausted() -> None:
         await runtime.wait_started()
         tasks += start(scheduler, [job(1), job(1)])
         await until_queued(scheduler, 2)
-        with pytest.raises(ResourceExhausted, match="queue is full"):
+        with pytest.raises(Unavailable, match="exceeds maximum queue size"):
             await scheduler.submit(job(1))
         runtime.hold.set()
         await results(tasks)
 
     assert runtime.batches == [1, 2]
+
+
+async def test_requests_abandoned_while_queued_do_not_fill_the_queue() -> None:
+    runtime = RecordingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0, max_queue_size=2)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        abandoned = start(scheduler, [job(1), job(1)])
+        await until_queued(scheduler, 2)
+        for task in abandoned:
+            task.cancel()
+        live = start(scheduler, [job(1, first=7.0)])
+        await until_queued(scheduler, 1)
+        runtime.hold.set()
+        await results(busy)
+        (result,) = await results(live)
+
+    np.testing.assert_array_equal(result["y"], [[8.0, 9.0]])
+    assert runtime.batches == [1, 1]
 
 
 async def test_a_failed_execution_fails_its_requests_and_the_model_serves_on() -> None:
@@ -270,6 +340,22 @@ async def test_a_failed_execution_fails_its_requests_and_the_model_serves_on() -
     assert all(isinstance(outcome, InternalError) for outcome in outcomes)
     assert "inference failed: device on fire" in str(outcomes[-1])
     np.testing.assert_array_equal(after["y"], [[6.0, 7.0]])
+
+
+class Fatal(BaseException):
+    """Not an Exception: what a runtime's C code or a stray sys.exit could raise."""
+
+
+async def test_an_instance_survives_a_base_exception_from_the_runtime() -> None:
+    runtime = RecordingRuntime()
+    runtime.fail_with = Fatal("not an Exception")
+    async with serving(direct(runtime)) as scheduler:
+        with pytest.raises(InternalError, match="inference failed: not an Exception"):
+            await results(start(scheduler, [job(1)]))
+        runtime.fail_with = None
+        (after,) = await results(start(scheduler, [job(1)]))
+
+    np.testing.assert_array_equal(after["y"], [[1.0, 2.0]])
 
 
 async def test_a_kapi_error_from_the_runtime_reaches_the_caller_as_it_is() -> None:
@@ -296,6 +382,19 @@ async def test_a_request_cancelled_while_queued_is_not_run() -> None:
 
     assert abandoned.cancelled()
     assert runtime.batches == [1, 2]
+
+
+async def test_closing_while_a_batch_forms_runs_the_batch_it_has() -> None:
+    runtime = RecordingRuntime()
+    scheduler = batcher(runtime)  # waits a minute for company
+    (waiting,) = start(scheduler, [job(1, first=3.0)])
+    await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(scheduler.close(), WAIT_S)
+
+    (done,) = await results([waiting])
+    np.testing.assert_array_equal(done["y"], [[4.0, 5.0]])
+    assert runtime.batches == [1]
 
 
 async def test_closing_finishes_running_work_and_fails_what_is_queued() -> None:

@@ -49,8 +49,14 @@ class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
         # context holds the shapes and addresses of the execution it is running.
         self._slots: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         for _ in range(self.instances):
+            context = self._engine.create_execution_context()
+            if context is None:  # e.g. out of device memory for one context per instance
+                raise Unavailable(
+                    f"{self.files.path}: TensorRT could not create an execution context for "
+                    f"each of the {self.instances} instances"
+                )
             stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-            self._slots.put((self._engine.create_execution_context(), stream))
+            self._slots.put((context, stream))
 
     def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
         inputs: list[TensorSpec] = []
