@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
+from ml_dtypes import bfloat16
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
@@ -128,3 +129,19 @@ def test_bytes_that_are_not_utf8_are_refused_by_an_onnx_string_model(
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "'INPUT0'" in raised.value.message()
     assert "UTF-8" in raised.value.message()
+
+
+def test_bf16_round_trips_through_onnx_runtime(client: grpcclient.InferenceServerClient) -> None:
+    """BF16 has no numpy dtype of its own: tritonclient and kapi both use ml_dtypes'."""
+    data = np.array([[1.5, -2.0, 3.25, 0.0], [np.inf, -np.inf, 65536.0, 2.0**-126]], dtype=bfloat16)
+    infer_input = grpcclient.InferInput("INPUT0", list(data.shape), "BF16")
+    infer_input.set_data_from_numpy(data)
+
+    result = client.infer("identity_bf16", [infer_input])
+
+    output = result.as_numpy("OUTPUT0")
+    assert result.get_output("OUTPUT0").datatype == "BF16"
+    assert output is not None
+    assert output.dtype == bfloat16
+    np.testing.assert_array_equal(output.view(np.uint16), data.view(np.uint16), strict=True)
+    assert client.get_model_metadata("identity_bf16").inputs[0].datatype == "BF16"

@@ -69,6 +69,15 @@ def identity_model(datatype: str, dims: Dims = ("batch", 4)) -> onnx.ModelProto:
     )
 
 
+def identity_bf16_model(dims: Dims = ("batch", 4)) -> onnx.ModelProto:
+    """OUTPUT0 = INPUT0 in BF16 (apart from DATATYPES: tritonclient sends BF16 from FP32)."""
+    return graph_model(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        [tensor("INPUT0", TensorProto.BFLOAT16, dims)],
+        [tensor("OUTPUT0", TensorProto.BFLOAT16, dims)],
+    )
+
+
 def add_constant_model(constant: float, dims: Dims = ("batch", 4)) -> onnx.ModelProto:
     """OUTPUT0 = INPUT0 + constant, in FP32: elementwise, so batching must not mix rows."""
     return graph_model(

@@ -81,6 +81,7 @@ class MainRepository:
 def build_main_repository(root: Path) -> models.TinyCnn:
     for datatype in models.DATATYPES:
         models.save_model(root, f"identity_{datatype.lower()}", models.identity_model(datatype))
+    models.save_model(root, "identity_bf16", models.identity_bf16_model())
     models.save_model(root, "simple", models.add_sub_model())
     # Version v adds v, so a response shows which version answered.
     for version in (1, 2, 3):

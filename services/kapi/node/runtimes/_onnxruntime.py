@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy.typing as npt
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, MissingExtra
+from kapi.core.tensors import NUMPY_DTYPES
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
 try:
@@ -33,6 +35,8 @@ _DATATYPES = {
     "tensor(bfloat16)": "BF16",
 }
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_BF16 = "tensor(bfloat16)"
+_ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
 class OnnxRuntime(Runtime):
@@ -50,6 +54,8 @@ class OnnxRuntime(Runtime):
         self._string_inputs = {
             node.name for node in self._session.get_inputs() if node.type == "tensor(string)"
         }
+        nodes = [*self._session.get_inputs(), *self._session.get_outputs()]
+        self._has_bf16 = any(node.type == _BF16 for node in nodes)
 
     def _providers(self) -> list[str]:
         kinds = {group.kind for group in self.files.config.instance_group}
@@ -78,8 +84,18 @@ class OnnxRuntime(Runtime):
         return text
 
     def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        if self._has_bf16:
+            return self._infer_ort_values(inputs, outputs)
         results = self._session.run(outputs, dict(inputs))
         return dict(zip(outputs, results, strict=True))
+
+    def _infer_ort_values(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        """ONNX Runtime's numpy bridge has no bfloat16: a model with BF16 tensors gets its
+        inputs as OrtValues (BF16 as its 16-bit pattern) and BF16 outputs are copied out of
+        ONNX Runtime's buffer."""
+        feed = {name: _to_ort_value(array) for name, array in inputs.items()}
+        values = self._session.run_with_ort_values(outputs, feed)
+        return {name: _from_ort_value(value) for name, value in zip(outputs, values, strict=True)}
 
     def _unload(self) -> None:
         del self._session
@@ -88,6 +104,26 @@ class OnnxRuntime(Runtime):
 def _spec(node: Any) -> TensorSpec:
     shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in node.shape)
     return TensorSpec(node.name, _DATATYPES.get(node.type, node.type), shape)
+
+
+def _to_ort_value(array: npt.NDArray[np.generic]) -> Any:
+    if array.dtype == NUMPY_DTYPES.get("BF16"):
+        bits = np.ascontiguousarray(array).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _from_ort_value(value: Any) -> npt.NDArray[np.generic]:
+    if value.data_type() != _BF16:
+        result: npt.NDArray[np.generic] = value.numpy()
+        return result
+    shape = tuple(value.shape())
+    count = int(np.prod(shape, dtype=np.int64))
+    if not count:
+        return np.empty(shape, NUMPY_DTYPES["BF16"])
+    buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
+    bits = np.frombuffer(memoryview(buffer), dtype=np.uint16).copy()  # ORT frees its buffer
+    return bits.view(NUMPY_DTYPES["BF16"]).reshape(shape)
 
 
 def _to_str(value: bytes | str) -> str:
