@@ -282,8 +282,8 @@ def _split(jobs: list[Job], outputs: Arrays) -> list[Arrays]:
     for name, array in outputs.items():
         if array.shape[:1] != (rows,):
             raise InternalError(
-                f"output '{name}' has shape {list(array.shape)}, not {rows} rows for a batch "
-                f"of {rows}: its first dimension must be the batch"
+                f"output '{name}' has shape {list(array.shape)}: a batch of {rows} rows "
+                f"needs {rows} as its first dimension"
             )
     split, offset = [], 0
     for job in jobs:

@@ -358,6 +358,32 @@ async def test_an_instance_survives_a_base_exception_from_the_runtime() -> None:
     np.testing.assert_array_equal(after["y"], [[1.0, 2.0]])
 
 
+class SummingRuntime(RecordingRuntime):
+    """A model whose output has no batch dimension: one value for the whole batch."""
+
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        super().infer(inputs, outputs)
+        return {"y": np.array([inputs["x"].sum()])}
+
+
+async def test_a_batched_output_without_the_batch_dimension_is_an_error_not_a_wrong_split() -> None:
+    runtime = SummingRuntime()
+    runtime.hold.clear()
+    async with serving(batcher(runtime, delay_us=0)) as scheduler:
+        busy = start(scheduler, [job(1)])
+        await runtime.wait_started()
+        merged = start(scheduler, [job(1), job(1)])
+        await until_queued(scheduler, 2)
+        runtime.hold.set()
+        await results(busy)  # alone, its one row is the whole output
+        outcomes = await asyncio.wait_for(asyncio.gather(*merged, return_exceptions=True), WAIT_S)
+
+    assert runtime.batches == [1, 2]
+    for outcome in outcomes:
+        assert isinstance(outcome, InternalError)
+        assert "a batch of 2 rows needs 2 as its first dimension" in str(outcome)
+
+
 async def test_a_kapi_error_from_the_runtime_reaches_the_caller_as_it_is() -> None:
     runtime = RecordingRuntime()
     runtime.fail_with = InvalidArgument("bad tensor")
