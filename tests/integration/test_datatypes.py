@@ -3,6 +3,7 @@ contents; responses always come back raw."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -10,11 +11,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
 from ml_dtypes import bfloat16
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from tests.support.models import DATATYPES
+from tests.support.node import RunningNode
 
 # The InferTensorContents field that carries each datatype; FP16 has none (raw only).
 CONTENTS_FIELD = {
@@ -145,3 +148,22 @@ def test_bf16_round_trips_through_onnx_runtime(client: grpcclient.InferenceServe
     assert output.dtype == bfloat16
     np.testing.assert_array_equal(output.view(np.uint16), data.view(np.uint16), strict=True)
     assert client.get_model_metadata("identity_bf16").inputs[0].datatype == "BF16"
+
+
+async def test_bf16_requests_batched_together_each_get_their_own_rows(
+    main_node: RunningNode,
+) -> None:
+    """identity_bf16 has no config: auto-complete gives it dynamic batching, so concurrent
+    requests merge (a BF16 concatenation) and split back."""
+    rows = [np.full((1, 4), 2.0**n, dtype=bfloat16) for n in range(-8, 8)]
+
+    async def send(aio: aioclient.InferenceServerClient, data: npt.NDArray[Any]) -> Any:
+        infer_input = grpcclient.InferInput("INPUT0", list(data.shape), "BF16")
+        infer_input.set_data_from_numpy(data)
+        return (await aio.infer("identity_bf16", [infer_input])).as_numpy("OUTPUT0")
+
+    async with aioclient.InferenceServerClient(main_node.grpc_url) as aio:
+        outputs = await asyncio.gather(*(send(aio, data) for data in rows))
+
+    for data, output in zip(rows, outputs, strict=True):
+        np.testing.assert_array_equal(output.view(np.uint16), data.view(np.uint16), strict=True)

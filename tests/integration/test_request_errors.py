@@ -179,3 +179,26 @@ def test_statistics_of_an_unknown_model(client: grpcclient.InferenceServerClient
         "StatusCode.NOT_FOUND",
         "no_such_model",
     )
+
+
+def test_a_stream_message_that_does_not_decode_ends_the_stream_with_invalid_argument(
+    channel: grpc.Channel,
+) -> None:
+    """A good request is answered; then bytes that are not a ModelInferRequest end the
+    stream with INVALID_ARGUMENT instead of leaving it hanging."""
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=lambda message: message,
+        response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
+    )
+    good = raw_simple_request(bytes(64), bytes(64)).SerializeToString()
+    responses = call(iter([good, b"\xff\xff\xff\xff"]), timeout=30)
+
+    first = next(responses)
+    with pytest.raises(grpc.RpcError) as raised:
+        next(responses)
+
+    assert first.error_message == ""
+    assert first.infer_response.model_name == "simple"
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the stream could not be read" in raised.value.details()

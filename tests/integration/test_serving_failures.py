@@ -98,6 +98,20 @@ def test_response_over_the_message_limit(limited_node: RunningNode) -> None:
     assert "Traceback" not in limited_node.log()
 
 
+def test_response_just_under_the_limit_is_refused_with_room_for_its_envelope(
+    limited_node: RunningNode,
+) -> None:
+    """Outputs of LIMIT - 32 KiB leave too little room for the rest of the message: kapi
+    says so itself, rather than the gRPC layer failing the send."""
+    data = np.ones((1, (LIMIT - 32 * 1024) // 4 // 8), dtype=np.float32)
+    with grpcclient.InferenceServerClient(limited_node.grpc_url) as client:
+        expect_error(
+            lambda: client.infer("tile", [infer_input("INPUT0", data, "FP32")]),
+            "StatusCode.RESOURCE_EXHAUSTED",
+            f"take {data.nbytes * 8} bytes",
+        )
+
+
 def test_client_deadline_while_queued(client: grpcclient.InferenceServerClient) -> None:
     """`held` keeps a lone request queued for 1 s; the client gives up after 0.2 s. The
     abandoned request counts as a failure and the model serves the next one."""

@@ -13,13 +13,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from ml_dtypes import bfloat16  # BF16 has no numpy dtype of its own; tritonclient uses this
 
 from kapi.core.errors import InvalidArgument
-
-try:  # BF16 has no numpy dtype of its own; ml_dtypes (shipped with onnx) provides one.
-    from ml_dtypes import bfloat16 as _bfloat16
-except ImportError:  # pragma: no cover - depends on the environment
-    _bfloat16 = None
 
 NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),
@@ -35,9 +31,8 @@ NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(np.object_),
+    "BF16": np.dtype(bfloat16),
 }
-if _bfloat16 is not None:
-    NUMPY_DTYPES["BF16"] = np.dtype(_bfloat16)
 
 DATATYPES = frozenset(NUMPY_DTYPES)
 _BY_NUMPY = {dtype: name for name, dtype in NUMPY_DTYPES.items()}

@@ -12,7 +12,7 @@ import grpc
 
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from kapi.core.errors import InternalError, KapiError, Unimplemented
+from kapi.core.errors import InternalError, InvalidArgument, KapiError, Unimplemented
 from kapi.core.oip import request_from_proto, response_to_proto
 from kapi.node.dataplane import DataPlane
 from kapi.node.runtimes import TensorSpec
@@ -134,6 +134,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         reading, cut_short = True, False
+        read_error: KapiError | None = None
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
@@ -148,25 +149,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 results.put_nowait(message)
 
         async def read_all() -> None:
-            nonlocal reading, cut_short
+            nonlocal reading, read_error
             try:
                 async for request in requests:
                     task = asyncio.create_task(answer(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             except asyncio.CancelledError:
-                if not self.dataplane.draining.is_set():
+                if not cut_short:  # torn down, not drained
                     raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            except Exception as exc:  # a message that does not decode, a broken stream
+                read_error = InvalidArgument(f"the stream could not be read: {exc}")
+            finally:
+                reading = False
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                results.put_nowait(None)
+
+        def cut(drained: asyncio.Task[bool]) -> None:
+            nonlocal cut_short
+            if reading and not drained.cancelled():
                 cut_short = True
-            reading = False
-            await asyncio.gather(*tasks)
-            results.put_nowait(None)
+                reader.cancel()
 
         reader = asyncio.create_task(read_all())
-        # Draining cancels the read in progress; nothing else in read_all awaits while
-        # `reading`, so the cancellation cannot land between a request and its task.
         drain = asyncio.create_task(self.dataplane.draining.wait())
-        drain.add_done_callback(lambda _: reading and reader.cancel())
+        drain.add_done_callback(cut)
         try:
             while (message := await results.get()) is not None:
                 yield message
@@ -175,11 +185,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+        if read_error is not None:
+            await context.abort(read_error.grpc_status, read_error.message)
         if cut_short:
+            # A request read just as the drain began may not have been run: the client is to
+            # resend whatever got no response.
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                "the node is draining: this stream takes no more requests; any sent after "
-                "the last response were not read, send them again to another node",
+                "the node is draining: this stream takes no more requests; requests on it "
+                "that got no response were not run, send them again to another node",
             )
 
     @rpc

@@ -21,7 +21,8 @@ from kapi.node.stats import ModelStats, NodeMetrics
 
 log = logging.getLogger(__name__)
 # Room kept for the rest of a response message (names, shapes, parameters) around the
-# outputs' raw bytes, so a response that passes the size check also fits the gRPC limit.
+# outputs' raw bytes, so a response that passes the size check also fits the gRPC limit
+# (at most half the limit, for a node configured with a tiny one).
 RESPONSE_ENVELOPE_BYTES = 64 * 1024
 
 
@@ -139,7 +140,7 @@ class ModelVersion:
 
     def _check_response_size(self, outputs: Arrays, names: list[str], limit: int) -> None:
         size = sum(raw_size(outputs[name]) for name in names)
-        if size > limit - RESPONSE_ENVELOPE_BYTES:
+        if size > limit - min(RESPONSE_ENVELOPE_BYTES, limit // 2):
             raise ResourceExhausted(
                 f"model '{self.name}': the response's outputs take {size} bytes; with the "
                 f"message around them that is over the node's message limit of {limit} bytes "

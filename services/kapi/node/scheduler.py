@@ -138,16 +138,20 @@ class Scheduler:
     # Everything below runs on the instance threads.
 
     def _serve(self) -> None:
+        jobs: list[Job] | None = []
         try:
             while (jobs := self._take()) is not None:
                 if not self._execute(jobs):
                     self._stop_taking()  # the loop is closed: nobody waits any more
+                jobs = []
         except BaseException:  # a bug: fail what waits rather than let it hang
             log.exception(
                 "instance thread failed; the model takes no more requests",
                 extra={"model": self.model},
             )
-            self._to_loop(self._stop_taking())
+            queued = self._stop_taking()
+            error = InternalError(f"model '{self.model}': its instance failed; see the log")
+            self._to_loop(_Execution([*(jobs or []), *queued.jobs], None, error, 0, 0, 0))
 
     def _take(self) -> list[Job] | None:
         with self._ready:

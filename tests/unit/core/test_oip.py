@@ -14,15 +14,11 @@ from kapi.core.errors import InvalidArgument
 from kapi.core.inference import InferenceResponse
 from kapi.core.oip import CONTENTS_FIELD, request_from_proto, response_to_proto
 from kapi.core.tensors import Tensor
+from ml_dtypes import bfloat16
 
 # tritonclient builds its request with this helper in InferenceServerClient.infer; calling it
 # directly gives the exact message tritonclient puts on the wire, without a server.
 from tritonclient.grpc._utils import _get_inference_request
-
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # pragma: no cover - depends on the environment
-    bfloat16 = None
 
 
 def _request(**tensors: tuple[str, list[int]]) -> pb.ModelInferRequest:
@@ -185,9 +181,8 @@ def _interop_arrays() -> dict[str, npt.NDArray[Any]]:
         "FP32": np.array([[0.5, -2.0, 3.4e38]], dtype=np.float32),
         "FP64": np.array([[0.5, -2.0, 1e308]], dtype=np.float64),
         "BYTES": np.array([[b"a", b"", "\u00e9".encode()]], dtype=np.object_),
+        "BF16": np.array([[0.5, -2.0, 1.0]], dtype=bfloat16),
     }
-    if bfloat16 is not None:
-        arrays["BF16"] = np.array([[0.5, -2.0, 1.0]], dtype=bfloat16)
     return arrays
 
 

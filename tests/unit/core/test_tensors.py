@@ -19,12 +19,8 @@ from kapi.core.tensors import (
     raw_size,
     to_raw,
 )
+from ml_dtypes import bfloat16
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
-
-try:
-    from ml_dtypes import bfloat16
-except ImportError:  # pragma: no cover - depends on the environment
-    bfloat16 = None
 
 SHAPE = (2, 3)
 
@@ -58,9 +54,8 @@ def _samples() -> dict[str, npt.NDArray[Any]]:
         "FP16": _floats(np.float16),
         "FP32": _floats(np.float32),
         "FP64": _floats(np.float64),
+        "BF16": np.array([1.0, -2.5, 0.15625, np.inf, 0.0, 3.0e38], dtype=bfloat16),
     }
-    if bfloat16 is not None:
-        flat["BF16"] = np.array([1.0, -2.5, 0.15625, np.inf, 0.0, 3.0e38], dtype=bfloat16)
     return {datatype: array.reshape(SHAPE) for datatype, array in flat.items()}
 
 
@@ -69,8 +64,7 @@ NUMERIC = sorted(SAMPLES)
 
 
 def test_every_datatype_but_bytes_has_a_sample() -> None:
-    expected = DATATYPES - {"BYTES"} if bfloat16 is not None else DATATYPES - {"BYTES", "BF16"}
-    assert set(NUMERIC) == expected
+    assert set(NUMERIC) == DATATYPES - {"BYTES"}
 
 
 @pytest.mark.parametrize("datatype", NUMERIC)

@@ -35,7 +35,7 @@ class RecordingRuntime(Runtime):
         self.started = threading.Semaphore(0)
         self.hold = threading.Event()
         self.hold.set()
-        self.fail_with: Exception | None = None
+        self.fail_with: BaseException | None = None
         self._lock = threading.Lock()
 
     def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -124,6 +124,15 @@ async def until_queued(scheduler: Scheduler, count: int) -> None:
     deadline = time.monotonic() + WAIT_S
     while scheduler.pending < count:
         assert time.monotonic() < deadline, f"{scheduler.pending} queued, not {count}"
+        await asyncio.sleep(0.001)
+
+
+async def until_taken(scheduler: Scheduler, leaving: int = 0) -> None:
+    """Let the loop run until an instance has taken all but `leaving` queued requests."""
+    await asyncio.sleep(0)  # the submit tasks just started queue their requests first
+    deadline = time.monotonic() + WAIT_S
+    while scheduler.pending != leaving:
+        assert time.monotonic() < deadline, f"{scheduler.pending} queued, not {leaving}"
         await asyncio.sleep(0.001)
 
 
@@ -259,6 +268,18 @@ async def test_a_request_abandoned_while_its_batch_forms_is_left_out() -> None:
     assert runtime.batches == [1, 2]
 
 
+async def test_a_request_abandoned_after_joining_a_forming_batch_is_left_out() -> None:
+    runtime = RecordingRuntime()
+    async with serving(batcher(runtime, max_batch_size=3)) as scheduler:
+        first, abandoned = start(scheduler, [job(1), job(1)])
+        await until_taken(scheduler)  # both are in the batch the instance is forming
+        abandoned.cancel()
+        await asyncio.sleep(0)  # the cancellation lands
+        await results([first, *start(scheduler, [job(1)])])
+
+    assert runtime.batches == [2]
+
+
 async def test_a_preferred_batch_size_closes_the_batch_without_waiting_out_the_delay() -> None:
     runtime = RecordingRuntime()
     async with serving(batcher(runtime, preferred=(2,))) as scheduler:
@@ -312,7 +333,7 @@ async def test_requests_abandoned_while_queued_do_not_fill_the_queue() -> None:
         for task in abandoned:
             task.cancel()
         live = start(scheduler, [job(1, first=7.0)])
-        await until_queued(scheduler, 1)
+        await until_taken(scheduler, leaving=1)  # the live request replaced both
         runtime.hold.set()
         await results(busy)
         (result,) = await results(live)
@@ -414,7 +435,7 @@ async def test_closing_while_a_batch_forms_runs_the_batch_it_has() -> None:
     runtime = RecordingRuntime()
     scheduler = batcher(runtime)  # waits a minute for company
     (waiting,) = start(scheduler, [job(1, first=3.0)])
-    await asyncio.sleep(0.05)
+    await until_taken(scheduler)
 
     await asyncio.wait_for(scheduler.close(), WAIT_S)
 

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import InvalidArgument, MissingExtra
+from kapi.core.errors import InternalError, InvalidArgument, MissingExtra
 from kapi.core.tensors import NUMPY_DTYPES
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
@@ -36,6 +36,7 @@ _DATATYPES = {
 }
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _BF16 = "tensor(bfloat16)"
+_BF16_DTYPE = NUMPY_DTYPES["BF16"]
 _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 
@@ -54,8 +55,13 @@ class OnnxRuntime(Runtime):
         self._string_inputs = {
             node.name for node in self._session.get_inputs() if node.type == "tensor(string)"
         }
-        nodes = [*self._session.get_inputs(), *self._session.get_outputs()]
-        self._has_bf16 = any(node.type == _BF16 for node in nodes)
+        self._bf16_inputs = any(node.type == _BF16 for node in self._session.get_inputs())
+        self._bf16_outputs = any(node.type == _BF16 for node in self._session.get_outputs())
+        if self._bf16_outputs and self._string_inputs:
+            raise InvalidArgument(
+                f"{self.files.path}: ONNX Runtime cannot return BF16 outputs of a model with "
+                "string inputs through its Python API"
+            )
 
     def _providers(self) -> list[str]:
         kinds = {group.kind for group in self.files.config.instance_group}
@@ -84,18 +90,20 @@ class OnnxRuntime(Runtime):
         return text
 
     def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
-        if self._has_bf16:
-            return self._infer_ort_values(inputs, outputs)
+        """ONNX Runtime's numpy bridge has no bfloat16: BF16 inputs go in as OrtValues of
+        their 16-bit pattern; a model with BF16 outputs runs on OrtValues throughout, and
+        its BF16 outputs are copied out of ONNX Runtime's buffer."""
+        if self._bf16_outputs:
+            feed = {name: _to_ort_value(array) for name, array in inputs.items()}
+            values = self._session.run_with_ort_values(outputs, feed)
+            return {name: _from_ort_value(v) for name, v in zip(outputs, values, strict=True)}
+        if self._bf16_inputs:
+            inputs = {
+                name: _to_ort_value(array) if array.dtype == _BF16_DTYPE else array
+                for name, array in inputs.items()
+            }
         results = self._session.run(outputs, dict(inputs))
         return dict(zip(outputs, results, strict=True))
-
-    def _infer_ort_values(self, inputs: Arrays, outputs: list[str]) -> Arrays:
-        """ONNX Runtime's numpy bridge has no bfloat16: a model with BF16 tensors gets its
-        inputs as OrtValues (BF16 as its 16-bit pattern) and BF16 outputs are copied out of
-        ONNX Runtime's buffer."""
-        feed = {name: _to_ort_value(array) for name, array in inputs.items()}
-        values = self._session.run_with_ort_values(outputs, feed)
-        return {name: _from_ort_value(value) for name, value in zip(outputs, values, strict=True)}
 
     def _unload(self) -> None:
         del self._session
@@ -107,23 +115,26 @@ def _spec(node: Any) -> TensorSpec:
 
 
 def _to_ort_value(array: npt.NDArray[np.generic]) -> Any:
-    if array.dtype == NUMPY_DTYPES.get("BF16"):
-        bits = np.ascontiguousarray(array).view(np.uint16)
+    dense = array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d as 0-d
+    if dense.dtype == _BF16_DTYPE:
+        bits = dense.view(np.uint16)
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, _ONNX_BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+    return ort.OrtValue.ortvalue_from_numpy(dense)
 
 
 def _from_ort_value(value: Any) -> npt.NDArray[np.generic]:
     if value.data_type() != _BF16:
         result: npt.NDArray[np.generic] = value.numpy()
         return result
+    if value.device_name().lower() != "cpu":  # data_ptr would be a device address
+        raise InternalError(f"a BF16 output on {value.device_name()} cannot be read back")
     shape = tuple(value.shape())
     count = int(np.prod(shape, dtype=np.int64))
     if not count:
-        return np.empty(shape, NUMPY_DTYPES["BF16"])
+        return np.empty(shape, _BF16_DTYPE)
     buffer = (ctypes.c_uint16 * count).from_address(value.data_ptr())
     bits = np.frombuffer(memoryview(buffer), dtype=np.uint16).copy()  # ORT frees its buffer
-    return bits.view(NUMPY_DTYPES["BF16"]).reshape(shape)
+    return bits.view(_BF16_DTYPE).reshape(shape)
 
 
 def _to_str(value: bytes | str) -> str:
