@@ -14,8 +14,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from ml_dtypes import bfloat16
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+from tritonclient.utils import deserialize_bytes_tensor
 
+from tests.support.clients import expect_error, expect_rpc_error
 from tests.support.models import DATATYPES
 from tests.support.node import RunningNode
 
@@ -111,11 +112,7 @@ def test_typed_contents_for_fp16_are_refused(
     request.model_name = "identity_fp16"
     request.inputs[0].datatype = "FP16"
 
-    with pytest.raises(grpc.RpcError) as raised:
-        stub.ModelInfer(request)
-
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "'INPUT0'" in raised.value.details()
+    expect_rpc_error(lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'INPUT0'")
 
 
 def test_bytes_that_are_not_utf8_are_refused_by_an_onnx_string_model(
@@ -126,12 +123,12 @@ def test_bytes_that_are_not_utf8_are_refused_by_an_onnx_string_model(
     infer_input = grpcclient.InferInput("INPUT0", [1, 4], "BYTES")
     infer_input.set_data_from_numpy(data)
 
-    with pytest.raises(InferenceServerException) as raised:
-        client.infer("identity_bytes", [infer_input])
-
-    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "'INPUT0'" in raised.value.message()
-    assert "UTF-8" in raised.value.message()
+    expect_error(
+        lambda: client.infer("identity_bytes", [infer_input]),
+        "StatusCode.INVALID_ARGUMENT",
+        "'INPUT0'",
+        "UTF-8",
+    )
 
 
 def test_bf16_round_trips_through_onnx_runtime(client: grpcclient.InferenceServerClient) -> None:

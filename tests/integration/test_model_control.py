@@ -4,6 +4,7 @@ default mode load and unload are refused."""
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -14,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from tests.support import models
+from tests.support.clients import expect_error
 from tests.support.node import RunningNode, running_node
 
 # A lone request waits up to 2 s in the batcher: in flight long enough to unload under it.
@@ -90,9 +91,7 @@ def test_only_the_named_models_load_at_start(
     assert states["never_loaded"][1] == "UNAVAILABLE"
     assert explicit_client.is_model_ready("preloaded")
     assert not explicit_client.is_model_ready("never_loaded")
-    with pytest.raises(InferenceServerException) as raised:
-        explicit_client.infer("never_loaded", add_input())
-    assert raised.value.status() == "StatusCode.NOT_FOUND"
+    expect_error(lambda: explicit_client.infer("never_loaded", add_input()), "StatusCode.NOT_FOUND")
 
 
 def test_load_then_unload(explicit_client: grpcclient.InferenceServerClient) -> None:
@@ -107,9 +106,7 @@ def test_load_then_unload(explicit_client: grpcclient.InferenceServerClient) -> 
     assert not explicit_client.is_model_ready("on_demand")
     _, state, reason = index_states(explicit_client)["on_demand"]
     assert (state, reason) == ("UNAVAILABLE", "unloaded")
-    with pytest.raises(InferenceServerException) as raised:
-        explicit_client.infer("on_demand", add_input())
-    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+    expect_error(lambda: explicit_client.infer("on_demand", add_input()), "StatusCode.UNAVAILABLE")
 
     explicit_client.load_model("on_demand")
     assert added(explicit_client, "on_demand") == 0.0
@@ -118,11 +115,7 @@ def test_load_then_unload(explicit_client: grpcclient.InferenceServerClient) -> 
 def test_load_of_a_corrupt_model_fails_and_says_why(
     explicit_client: grpcclient.InferenceServerClient,
 ) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        explicit_client.load_model("broken")
-
-    assert raised.value.status() == "StatusCode.INTERNAL"
-    assert "broken" in raised.value.message()
+    expect_error(lambda: explicit_client.load_model("broken"), "StatusCode.INTERNAL", "broken")
     _, state, reason = index_states(explicit_client)["broken"]
     assert state == "UNAVAILABLE"
     assert "model.onnx" in reason
@@ -133,10 +126,9 @@ def test_load_and_unload_of_unknown_models_are_not_found(
     explicit_client: grpcclient.InferenceServerClient,
 ) -> None:
     for call in (explicit_client.load_model, explicit_client.unload_model):
-        with pytest.raises(InferenceServerException) as raised:
-            call("no_such_model")
-        assert raised.value.status() == "StatusCode.NOT_FOUND"
-        assert "no_such_model" in raised.value.message()
+        expect_error(
+            functools.partial(call, "no_such_model"), "StatusCode.NOT_FOUND", "no_such_model"
+        )
 
 
 def test_reload_serves_a_replaced_model_file(
@@ -187,21 +179,17 @@ def test_a_failed_reload_keeps_the_loaded_version_serving(
     assert added(explicit_client, "kept") == 1.0
     models.save_model(explicit_repository, "kept", b"corrupted on disk")
 
-    with pytest.raises(InferenceServerException) as raised:
-        explicit_client.load_model("kept")
-
-    assert raised.value.status() == "StatusCode.INTERNAL"
-    assert "kept" in raised.value.message()
+    expect_error(lambda: explicit_client.load_model("kept"), "StatusCode.INTERNAL", "kept")
     assert added(explicit_client, "kept") == 1.0
     assert index_states(explicit_client)["kept"] == ("1", "READY", "")
 
 
 def test_load_with_an_invalid_config(explicit_client: grpcclient.InferenceServerClient) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        explicit_client.load_model("misconfigured")
-
-    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "config.pbtxt" in raised.value.message()
+    expect_error(
+        lambda: explicit_client.load_model("misconfigured"),
+        "StatusCode.INVALID_ARGUMENT",
+        "config.pbtxt",
+    )
     _, state, reason = index_states(explicit_client)["misconfigured"]
     assert state == "UNAVAILABLE"
     assert "config.pbtxt" in reason
@@ -228,8 +216,7 @@ def test_unload_lets_the_request_in_flight_finish(
 
 def test_default_mode_refuses_load_and_unload(client: grpcclient.InferenceServerClient) -> None:
     for call in (client.load_model, client.unload_model):
-        with pytest.raises(InferenceServerException) as raised:
-            call("simple")
-        assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
-        assert "explicit" in raised.value.message()
+        expect_error(
+            functools.partial(call, "simple"), "StatusCode.FAILED_PRECONDITION", "explicit"
+        )
     assert client.is_model_ready("simple")

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.support.clients import expect_error, expect_rpc_error
 from tests.support.metrics import sample
 from tests.support.node import RunningNode
 
@@ -139,20 +140,16 @@ def test_metrics_carry_model_and_version_labels(
 def test_shared_memory_is_unimplemented(
     client: grpcclient.InferenceServerClient, call: str
 ) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        getattr(client, call)()
-
-    assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
-    assert "shared memory" in raised.value.message()
+    expect_error(lambda: getattr(client, call)(), "StatusCode.UNIMPLEMENTED", "shared memory")
 
 
 def test_shared_memory_register_is_unimplemented(
     client: grpcclient.InferenceServerClient,
 ) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        client.register_system_shared_memory("region", "/kapi-test", 64)
-
-    assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
+    expect_error(
+        lambda: client.register_system_shared_memory("region", "/kapi-test", 64),
+        "StatusCode.UNIMPLEMENTED",
+    )
 
 
 @pytest.mark.parametrize("service", ["", SERVICE])
@@ -167,10 +164,10 @@ def test_grpc_health_check_serving(channel: grpc.Channel, service: str) -> None:
 def test_grpc_health_check_of_an_unknown_service(channel: grpc.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
 
-    with pytest.raises(grpc.RpcError) as raised:
-        health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10)
-
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    expect_rpc_error(
+        lambda: health.Check(health_pb2.HealthCheckRequest(service="no.Such"), timeout=10),
+        grpc.StatusCode.NOT_FOUND,
+    )
 
 
 def reflect(channel: grpc.Channel, **request: str) -> reflection_pb2.ServerReflectionResponse:

@@ -10,7 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
+
+from tests.support.clients import expect_error, expect_rpc_error
 
 # Each model serves versions 1-3 of "OUTPUT0 = INPUT0 + version"; which ones load depends
 # on its version_policy.
@@ -101,11 +102,11 @@ def test_without_a_version_the_highest_answers(
 def test_a_version_the_policy_leaves_out_is_not_found(
     client: grpcclient.InferenceServerClient, model: str
 ) -> None:
-    with pytest.raises(InferenceServerException) as raised:
-        client.infer(model, add_input([0, 0, 0, 0]), model_version="1")
-
-    assert raised.value.status() == "StatusCode.NOT_FOUND"
-    assert model in raised.value.message()
+    expect_error(
+        lambda: client.infer(model, add_input([0, 0, 0, 0]), model_version="1"),
+        "StatusCode.NOT_FOUND",
+        model,
+    )
 
 
 def test_repository_index_lists_every_version_and_the_failed_model(
@@ -139,7 +140,7 @@ def test_ready_index_leaves_out_what_is_not_ready(
 def test_config_of_an_unknown_version_is_not_found(
     stub: service_pb2_grpc.GRPCInferenceServiceStub,
 ) -> None:
-    with pytest.raises(grpc.RpcError) as raised:
-        stub.ModelConfig(service_pb2.ModelConfigRequest(name="triton_latest", version="1"))
-
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    expect_rpc_error(
+        lambda: stub.ModelConfig(service_pb2.ModelConfigRequest(name="triton_latest", version="1")),
+        grpc.StatusCode.NOT_FOUND,
+    )

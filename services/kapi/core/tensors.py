@@ -114,26 +114,25 @@ def raw_size(array: npt.NDArray[np.generic]) -> int:
     """How many bytes `to_raw` makes of an array: BYTES elements take 4 + their length."""
     if array.dtype.kind not in "OSU":
         return array.nbytes
-    return sum(_LENGTH.size + _element_size(item) for item in array.flat)
+    # An element that is not bytes or str counts 0: serialize_bytes refuses it with its error.
+    return sum(_LENGTH.size + len(_element_bytes(item) or b"") for item in array.flat)
 
 
-def _element_size(item: object) -> int:
+def _element_bytes(item: object) -> bytes | None:
+    """A BYTES element's bytes (str as UTF-8); None when it is neither bytes nor str."""
     if isinstance(item, str):
-        return len(item.encode())
+        return item.encode()
     if isinstance(item, bytes):
-        return len(item)
-    return 0  # not a BYTES element: serialize_bytes refuses it with its own error
+        return item
+    return None
 
 
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     parts: list[bytes] = []
     item: Any
     for item in array.reshape(-1):
-        if isinstance(item, str):
-            value = item.encode()
-        elif isinstance(item, bytes):
-            value = item
-        else:
+        value = _element_bytes(item)
+        if value is None:
             raise InvalidArgument(
                 f"a BYTES element must be bytes or str, got {type(item).__name__}: {item!r}"
             )

@@ -90,17 +90,15 @@ class ModelVersion:
         return cls(config, version, runtime_name, runtime, stats)
 
     def _make_scheduler(self) -> Scheduler:
-        instances = self.runtime.instances
         if self.config.max_batch_size > 0 and self.config.HasField("dynamic_batching"):
             return DynamicBatcher(
                 self.name,
                 self.runtime,
                 self.stats,
-                instances,
                 self.config.max_batch_size,
                 self.config.dynamic_batching,
             )
-        return Scheduler(self.name, self.runtime, self.stats, instances)
+        return Scheduler(self.name, self.runtime, self.stats)
 
     async def infer(
         self, request: InferenceRequest, max_response_bytes: int = 0

@@ -55,15 +55,11 @@ class _Execution:
 
 
 class Scheduler:
-    """The direct scheduler: each request is one execution on the next free instance."""
+    """The direct scheduler: each request is one execution on the next free instance.
+    There is one instance thread for each of the runtime's instances."""
 
     def __init__(
-        self,
-        model: str,
-        runtime: Runtime,
-        stats: ModelStats,
-        instances: int,
-        max_queue_size: int = 0,
+        self, model: str, runtime: Runtime, stats: ModelStats, max_queue_size: int = 0
     ) -> None:
         self.model = model
         self.runtime = runtime
@@ -75,7 +71,7 @@ class Scheduler:
         self._closed = False
         self._threads = [
             threading.Thread(target=self._serve, name=f"{model}:{index}", daemon=True)
-            for index in range(max(instances, 1))
+            for index in range(max(runtime.instances, 1))
         ]
         for thread in self._threads:
             thread.start()
@@ -237,7 +233,6 @@ class DynamicBatcher(Scheduler):
         model: str,
         runtime: Runtime,
         stats: ModelStats,
-        instances: int,
         max_batch_size: int,
         policy: mc.ModelDynamicBatching,
     ) -> None:
@@ -246,7 +241,7 @@ class DynamicBatcher(Scheduler):
         self._preferred = frozenset(policy.preferred_batch_size)
         self._gathering = threading.Lock()
         max_queue = policy.default_queue_policy.max_queue_size
-        super().__init__(model, runtime, stats, instances, max_queue)
+        super().__init__(model, runtime, stats, max_queue)
 
     def _take(self) -> list[Job] | None:
         with self._gathering, self._ready:

@@ -79,7 +79,7 @@ def job(rows: int, columns: int = 2, first: float = 0.0, enqueued_ns: int | None
 
 
 def direct(runtime: RecordingRuntime, model_stats: ModelStats | None = None) -> Scheduler:
-    return Scheduler("m", runtime, model_stats or new_stats(), runtime.instances)
+    return Scheduler("m", runtime, model_stats or new_stats())
 
 
 def batcher(
@@ -93,7 +93,7 @@ def batcher(
         max_queue_delay_microseconds=delay_us, preferred_batch_size=list(preferred)
     )
     policy.default_queue_policy.max_queue_size = max_queue_size
-    return DynamicBatcher("m", runtime, new_stats(), runtime.instances, max_batch_size, policy)
+    return DynamicBatcher("m", runtime, new_stats(), max_batch_size, policy)
 
 
 def new_stats() -> ModelStats:
