@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.node import NodeFactory, RunningNode, free_port, start_node
+from tests.support.node import NodeFactory, RunningNode, WaitFor, free_port, start_node
 
 
 @pytest.fixture
@@ -33,9 +33,17 @@ def start_kapi_node(node_logs: Path) -> Iterator[NodeFactory]:
         explicit: bool = False,
         load_models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        wait_for: WaitFor = "ready",
     ) -> RunningNode:
         node = start_node(
-            repository, node_logs, explicit=explicit, load_models=load_models, env=env
+            repository,
+            node_logs,
+            explicit=explicit,
+            load_models=load_models,
+            env=env,
+            args=args,
+            wait_for=wait_for,
         )
         nodes.append(node)
         return node

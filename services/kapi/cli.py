@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
+import pydantic
+
+from kapi.core.errors import KapiError
 from kapi.core.logging import configure_logging
+
+# Exit status of a node that cannot start as configured, as for a usage error.
+EXIT_CONFIG = 2
 
 
 def _node(args: argparse.Namespace) -> None:
@@ -18,9 +25,33 @@ def _node(args: argparse.Namespace) -> None:
         for key, value in vars(args).items()
         if key not in {"command", "handler"} and value is not None
     }
-    settings = NodeSettings(**overrides)
+    try:
+        settings = NodeSettings(**overrides)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        _fail(f"invalid settings: {problems}")
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(NodeServer(settings).run())
+    try:
+        asyncio.run(NodeServer(settings).run())
+    except KapiError as exc:  # the node could not start: one line, not a traceback
+        _fail(exc.message)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"kapi node: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+def _boolean(text: str) -> bool:
+    """Triton's <boolean> flags: true/false, 1/0, yes/no, on/off."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
         dest="load_models",
         action="append",
         help="with explicit model control: a model to load at start ('*': all); repeatable",
+    )
+    node.add_argument(
+        "--strict-readiness",
+        type=_boolean,
+        metavar="BOOL",
+        help="ready only while every model asked for is loaded (default true, as Triton)",
+    )
+    node.add_argument(
+        "--reuse-grpc-port",
+        type=_boolean,
+        metavar="BOOL",
+        help="share the gRPC port with other servers (SO_REUSEPORT; default false)",
     )
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument("--log-format", choices=["text", "json"])

@@ -119,6 +119,11 @@ def test_load_of_a_corrupt_model_fails_and_says_why(
     _, state, reason = index_states(explicit_client)["broken"]
     assert state == "UNAVAILABLE"
     assert "model.onnx" in reason
+    # Strict readiness, as Triton's: not ready while a model asked for failed; unloading the
+    # failed model makes the node ready again.
+    assert not explicit_client.is_server_ready()
+    explicit_client.unload_model("broken")
+    assert index_states(explicit_client)["broken"][1:] == ("UNAVAILABLE", "unloaded")
     assert explicit_client.is_server_ready()
 
 
@@ -193,6 +198,8 @@ def test_load_with_an_invalid_config(explicit_client: grpcclient.InferenceServer
     _, state, reason = index_states(explicit_client)["misconfigured"]
     assert state == "UNAVAILABLE"
     assert "config.pbtxt" in reason
+    explicit_client.unload_model("misconfigured")
+    assert explicit_client.is_server_ready()
 
 
 def test_unload_lets_the_request_in_flight_finish(

@@ -30,7 +30,7 @@ def test_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) ->
     assert not client.is_model_ready("no_such_model")
 
 
-@pytest.mark.parametrize("version", ["7", "0", "latest"])
+@pytest.mark.parametrize("version", ["7", "0"])
 def test_unknown_version_is_not_found(
     client: grpcclient.InferenceServerClient, version: str
 ) -> None:
@@ -40,6 +40,20 @@ def test_unknown_version_is_not_found(
         "simple",
         version,
     )
+
+
+@pytest.mark.parametrize("version", ["latest", "\u00b2", "\u0661", "-1", "1abc"])
+def test_a_version_that_is_no_number_is_invalid(
+    client: grpcclient.InferenceServerClient, version: str
+) -> None:
+    """As Triton answers it: a version string must be an integral value. ASCII digits only:
+    a superscript two and an Arabic-Indic one pass str.isdigit()."""
+    for call in (
+        lambda: client.infer("simple", simple_inputs(), model_version=version),
+        lambda: client.is_model_ready("simple", version),
+        lambda: client.get_model_metadata("simple", version),
+    ):
+        expect_error(call, "StatusCode.INVALID_ARGUMENT", version, "integral value")
 
 
 def test_wrong_datatype(client: grpcclient.InferenceServerClient) -> None:

@@ -43,15 +43,6 @@ def test_reshape_to_a_wrong_size_fails_inside_the_runtime(
     expect_error(lambda: reshape([4, 4]), "StatusCode.INTERNAL", "reshape")
 
 
-def test_a_model_that_failed_to_load_is_unavailable(
-    client: grpcclient.InferenceServerClient,
-) -> None:
-    inputs = [infer_input("INPUT0", np.ones((1, 4), dtype=np.float32), "FP32")]
-
-    assert not client.is_model_ready("corrupt")
-    expect_error(lambda: client.infer("corrupt", inputs), "StatusCode.UNAVAILABLE", "corrupt")
-
-
 @pytest.fixture(scope="module")
 def limited_node(
     tmp_path_factory: pytest.TempPathFactory, node_logs: Path

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import httpx
 
@@ -21,7 +21,7 @@ HOST = "127.0.0.1"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 # Signs in the log that a port picked as free was taken before the node bound it.
-_PORT_TAKEN = ("address already in use", "failed to bind")
+_PORT_TAKEN = ("already in use", "failed to bind")
 
 
 def free_port() -> int:
@@ -30,6 +30,11 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# What start_node waits for: the node ready (its models loaded), or only answering (live),
+# for a node that is not to become ready (strict readiness with a model that fails).
+WaitFor = Literal["ready", "live"]
 
 
 class NodeFactory(Protocol):
@@ -42,6 +47,8 @@ class NodeFactory(Protocol):
         explicit: bool = False,
         load_models: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        wait_for: WaitFor = "ready",
     ) -> RunningNode: ...
 
 
@@ -73,8 +80,14 @@ class RunningNode:
         return self.log_path.read_text(errors="replace")
 
     def is_ready(self) -> bool:
+        return self._answers("ready")
+
+    def is_live(self) -> bool:
+        return self._answers("live")
+
+    def _answers(self, probe: WaitFor) -> bool:
         try:
-            return httpx.get(f"{self.http_url}/v2/health/ready", timeout=2.0).status_code == 200
+            return httpx.get(f"{self.http_url}/v2/health/{probe}", timeout=2.0).status_code == 200
         except httpx.TransportError:
             return False
 
@@ -101,13 +114,19 @@ def start_node(
     explicit: bool = False,
     load_models: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    wait_for: WaitFor = "ready",
     attempts: int = 3,
 ) -> RunningNode:
-    """A `kapi node` serving `repository`, ready (all its models loaded or failed)."""
+    """A `kapi node` serving `repository`, ready (or only live: `wait_for`). `args` are
+    more command-line flags."""
+    flags = [*(["--model-control-mode", "explicit"] if explicit else [])]
+    for name in load_models:
+        flags += ["--load-model", name]
     for attempt in range(attempts):
-        node = _spawn(repository, log_dir, explicit, load_models, env or {}, attempt)
+        node = _spawn(repository, log_dir, [*flags, *args], env or {}, attempt)
         try:
-            _wait_ready(node)
+            _wait(node, wait_for)
         except NodeFailedToStart:
             node.terminate()
             if attempt + 1 < attempts and any(s in node.log().lower() for s in _PORT_TAKEN):
@@ -125,9 +144,19 @@ def running_node(
     explicit: bool = False,
     load_models: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
+    wait_for: WaitFor = "ready",
 ) -> Iterator[RunningNode]:
     """A ready node for the `with` block; stopped (SIGTERM, then SIGKILL) when it ends."""
-    node = start_node(repository, log_dir, explicit=explicit, load_models=load_models, env=env)
+    node = start_node(
+        repository,
+        log_dir,
+        explicit=explicit,
+        load_models=load_models,
+        env=env,
+        args=args,
+        wait_for=wait_for,
+    )
     try:
         yield node
     finally:
@@ -137,8 +166,7 @@ def running_node(
 def _spawn(
     repository: Path,
     log_dir: Path,
-    explicit: bool,
-    load_models: Sequence[str],
+    flags: Sequence[str],
     env: Mapping[str, str],
     attempt: int,
 ) -> RunningNode:
@@ -150,11 +178,8 @@ def _spawn(
         "--grpc-port", str(grpc_port),
         "--http-port", str(http_port),
         "--metrics-port", str(metrics_port),
+        *flags,
     ]  # fmt: skip
-    if explicit:
-        command += ["--model-control-mode", "explicit"]
-    for name in load_models:
-        command += ["--load-model", name]
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"node-{grpc_port}-{attempt}.log"
     with log_path.open("wb") as log_file:
@@ -167,14 +192,14 @@ def _spawn(
     return RunningNode(process, grpc_port, http_port, metrics_port, log_path)
 
 
-def _wait_ready(node: RunningNode) -> None:
+def _wait(node: RunningNode, wait_for: WaitFor) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if node.process.poll() is not None:
             raise NodeFailedToStart(
                 f"kapi node exited with {node.process.returncode}:\n{node.log()}"
             )
-        if node.is_ready():
+        if node.is_ready() or (wait_for == "live" and node.is_live()):
             return
         time.sleep(0.1)
-    raise NodeFailedToStart(f"kapi node not ready after {READY_TIMEOUT_S} s:\n{node.log()}")
+    raise NodeFailedToStart(f"kapi node not {wait_for} after {READY_TIMEOUT_S} s:\n{node.log()}")

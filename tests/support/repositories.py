@@ -111,7 +111,6 @@ def build_main_repository(root: Path) -> models.TinyCnn:
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "gather", models.gather_model())
     models.save_model(root, "reshape", models.reshape_model())
-    models.save_model(root, "corrupt", b"this is not an ONNX model")
     cnn = models.export_cnn(root / "cnn_onnx" / "1" / "model.onnx")
     models.convert_to_openvino(
         root / "cnn_onnx" / "1" / "model.onnx", root / "cnn_openvino" / "1" / "model.xml"

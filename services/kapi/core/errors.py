@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+log = logging.getLogger(__name__)
 
 
 class KapiError(Exception):
@@ -28,11 +32,6 @@ class NotFound(KapiError):
 
     grpc_status = grpc.StatusCode.NOT_FOUND
     http_status = 404
-
-
-class AlreadyExists(KapiError):
-    grpc_status = grpc.StatusCode.ALREADY_EXISTS
-    http_status = 409
 
 
 class FailedPrecondition(KapiError):
@@ -73,3 +72,12 @@ class MissingExtra(KapiError):
 
     def __init__(self, module: str, extra: str) -> None:
         super().__init__(f"{module} is not installed: pip install 'kapi[{extra}]'")
+
+
+def as_kapi_error(error: Exception) -> KapiError:
+    """The KapiError an exception crosses the wire as: itself, or an INTERNAL error naming
+    it (logged with its traceback, as it is a bug or a runtime's failure)."""
+    if isinstance(error, KapiError):
+        return error
+    log.exception("unexpected error", exc_info=error)
+    return InternalError(f"{type(error).__name__}: {error}")

@@ -1,12 +1,54 @@
-"""Transport-free inference request and response, shared by the node and the gateway."""
+"""Transport-free inference request and response, shared by the node and the gateway.
+
+A request's inputs stay encoded (as they came off the wire) until the model they are for
+has been found and has checked their datatypes and shapes: a malformed or oversized payload
+is refused before anything decodes it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kapi.core.tensors import Tensor
+from kapi.core.tensors import Tensor, element_count, from_raw, from_values
 
 Parameter = bool | int | float | str
+# What a typed-contents value costs to decode, against a raw byte: a Python object each.
+_VALUE_COST = 8
+
+
+@dataclass(slots=True)
+class EncodedTensor:
+    """A request input as it arrived: its header, and raw bytes or typed values."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | None = None
+    values: Sequence[object] = ()
+    parameters: dict[str, Parameter] = field(default_factory=dict)
+
+    @property
+    def element_count(self) -> int:
+        return element_count(self.shape)
+
+    @property
+    def decode_cost(self) -> int:
+        """Roughly how many bytes of work decoding takes; raw numeric tensors are zero-copy."""
+        if self.raw is None:
+            return len(self.values) * _VALUE_COST
+        return len(self.raw) if self.datatype == "BYTES" else 0
+
+    def decode(self) -> Tensor:
+        if self.raw is not None:
+            return from_raw(self.name, self.datatype, self.shape, self.raw)
+        return from_values(self.name, self.datatype, self.shape, self.values)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    parameters: dict[str, Parameter] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -14,8 +56,8 @@ class InferenceRequest:
     model_name: str
     model_version: str = ""
     id: str = ""
-    inputs: list[Tensor] = field(default_factory=list)
-    requested_outputs: list[str] = field(default_factory=list)
+    inputs: list[EncodedTensor] = field(default_factory=list)
+    outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict[str, Parameter] = field(default_factory=dict)
 
 

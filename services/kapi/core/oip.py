@@ -6,8 +6,14 @@ from typing import Any
 
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument
-from kapi.core.inference import InferenceRequest, InferenceResponse, Parameter
-from kapi.core.tensors import Tensor, check_shape, from_raw, from_values, to_raw
+from kapi.core.inference import (
+    EncodedTensor,
+    InferenceRequest,
+    InferenceResponse,
+    Parameter,
+    RequestedOutput,
+)
+from kapi.core.tensors import DATATYPES, check_shape, to_raw
 
 # Which InferTensorContents field carries each datatype (FP16 and BF16 travel raw only).
 CONTENTS_FIELD = {
@@ -27,6 +33,8 @@ CONTENTS_FIELD = {
 
 
 def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
+    """The request with its inputs still encoded: headers are checked here, contents are
+    decoded only once the model has checked them."""
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgument(
@@ -37,12 +45,16 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
         _input_from_proto(tensor, raw[index] if raw else None)
         for index, tensor in enumerate(message.inputs)
     ]
+    outputs = [
+        RequestedOutput(output.name, parameters_from_proto(output.parameters))
+        for output in message.outputs
+    ]
     return InferenceRequest(
         model_name=message.model_name,
         model_version=message.model_version,
         id=message.id,
         inputs=inputs,
-        requested_outputs=[output.name for output in message.outputs],
+        outputs=outputs,
         parameters=parameters_from_proto(message.parameters),
     )
 
@@ -58,6 +70,7 @@ def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
 
 
 def parameters_from_proto(parameters: Any) -> dict[str, Parameter]:
+    """An InferParameter map as plain Python values."""
     decoded: dict[str, Parameter] = {}
     for key, value in parameters.items():
         choice = value.WhichOneof("parameter_choice")
@@ -66,19 +79,22 @@ def parameters_from_proto(parameters: Any) -> dict[str, Parameter]:
     return decoded
 
 
-def _input_from_proto(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Tensor:
+def _input_from_proto(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
+) -> EncodedTensor:
     shape = check_shape(tensor.name, list(tensor.shape))
+    parameters = parameters_from_proto(tensor.parameters)
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidArgument(
                 f"input '{tensor.name}': both raw and typed contents given; send one"
             )
-        return from_raw(tensor.name, tensor.datatype, shape, raw)
+        return EncodedTensor(tensor.name, tensor.datatype, shape, raw, parameters=parameters)
     field_name = CONTENTS_FIELD.get(tensor.datatype)
-    if field_name is None:
+    if field_name is None and tensor.datatype in DATATYPES:
         raise InvalidArgument(
             f"input '{tensor.name}': datatype '{tensor.datatype}' must be sent as raw contents"
         )
-    return from_values(
-        tensor.name, tensor.datatype, shape, list(getattr(tensor.contents, field_name))
-    )
+    # The repeated field itself, not a copy: it is counted now and converted only if valid.
+    values = getattr(tensor.contents, field_name) if field_name else ()
+    return EncodedTensor(tensor.name, tensor.datatype, shape, None, values, parameters)

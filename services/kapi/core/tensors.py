@@ -37,6 +37,8 @@ NUMPY_DTYPES: dict[str, np.dtype[np.generic]] = {
 DATATYPES = frozenset(NUMPY_DTYPES)
 _BY_NUMPY = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 _LENGTH = struct.Struct("<I")
+# More elements than any tensor can have: numpy's byte count of the largest itemsize must fit.
+_MAX_ELEMENTS = np.iinfo(np.intp).max // 16
 
 
 @dataclass(slots=True)
@@ -65,8 +67,12 @@ def element_count(shape: tuple[int, ...] | list[int]) -> int:
 
 
 def check_shape(name: str, shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """A request's shape: no negative dimension, and one numpy can hold. numpy refuses a
+    shape whose non-zero dimensions multiply past its index range even when another is 0."""
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if element_count([dim for dim in shape if dim]) > _MAX_ELEMENTS:
+        raise InvalidArgument(f"input '{name}': shape {list(shape)} is too large for any tensor")
     return tuple(shape)
 
 
@@ -77,14 +83,19 @@ def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> Te
     if datatype == "BYTES":
         array = deserialize_bytes(name, raw, count)
     else:
-        expected = count * dtype.itemsize
-        if len(raw) != expected:
-            raise InvalidArgument(
-                f"input '{name}': {len(raw)} bytes of raw contents, expected {expected} "
-                f"for {datatype} with shape {list(shape)}"
-            )
+        check_raw_size(name, datatype, shape, len(raw))
         array = np.frombuffer(raw, dtype=dtype)
     return Tensor(name, datatype, shape, array.reshape(shape))
+
+
+def check_raw_size(name: str, datatype: str, shape: tuple[int, ...], size: int) -> None:
+    """Raw contents of a fixed-size datatype must be exactly its shape's worth of bytes."""
+    expected = element_count(shape) * _dtype(name, datatype).itemsize
+    if size != expected:
+        raise InvalidArgument(
+            f"input '{name}': {size} bytes of raw contents, expected {expected} "
+            f"for {datatype} with shape {list(shape)}"
+        )
 
 
 def from_values(name: str, datatype: str, shape: tuple[int, ...], values: object) -> Tensor:
@@ -142,24 +153,31 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
 
 
 def deserialize_bytes(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:
-    items: list[bytes] = []
-    view = memoryview(raw)
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
-        (length,) = _LENGTH.unpack_from(view, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
-        items.append(bytes(view[offset : offset + length]))
-        offset += length
-    if len(items) != count:
+    """`count` length-prefixed elements. The parse stops as soon as the contents prove to
+    hold more or fewer than `count`, so a malformed request costs at most `count` steps."""
+    size = len(raw)
+    if size < _LENGTH.size * count:  # every element takes at least its 4-byte length
         raise InvalidArgument(
-            f"input '{name}': {len(items)} BYTES elements, expected {count} for its shape"
+            f"input '{name}': {size} bytes of BYTES contents cannot hold the {count} "
+            "elements its shape has (each takes 4 bytes or more)"
         )
     array = np.empty(count, dtype=np.object_)
-    array[:] = items
+    offset = 0
+    for index in range(count):
+        if offset + 4 > size:
+            raise InvalidArgument(
+                f"input '{name}': {index} BYTES elements, expected {count} for its shape"
+            )
+        (length,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + length > size:
+            raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
+        array[index] = raw[offset : offset + length]
+        offset += length
+    if offset != size:
+        raise InvalidArgument(
+            f"input '{name}': BYTES contents go on past the {count} elements its shape has"
+        )
     return array
 
 

@@ -1,15 +1,21 @@
-"""The node's data plane: everything the protocol servers do, free of transport types."""
+"""The node's data plane: everything the protocol servers do, free of transport types.
+
+It counts the inference requests in flight, so that a drain can wait for exactly those:
+once draining, new requests are refused with UNAVAILABLE while the ones already inside
+finish.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from kapi import __version__
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import FailedPrecondition, KapiError, Unavailable
-from kapi.core.inference import InferenceRequest, InferenceResponse
+from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, Unavailable
+from kapi.core.inference import InferenceRequest, InferenceResponse, Parameter
 from kapi.node.config import oip_datatype
+from kapi.node.parameters import check_load_parameters, check_unload_parameters
 from kapi.node.repository import IndexEntry, ModelRepository
 from kapi.node.runtimes import TensorSpec
 from kapi.node.stats import ModelStats
@@ -25,14 +31,34 @@ class DataPlane:
         repository: ModelRepository,
         explicit_model_control: bool,
         max_response_bytes: int = 0,
+        strict_readiness: bool = True,
     ) -> None:
         self.repository = repository
         self.explicit_model_control = explicit_model_control
         self.max_response_bytes = max_response_bytes  # 0: no limit
-        # Set when the node drains: open streams take no more requests and end.
+        self.strict_readiness = strict_readiness
+        # Set when the node drains: requests are refused, open streams read no more.
         self.draining = asyncio.Event()
-        self.live = True
-        self.ready = False
+        self.serving = False  # set once the models to load at start have loaded or failed
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def ready(self) -> bool:
+        """Serving and not draining; with strict readiness (Triton's default), also every
+        model it was asked to load is loaded."""
+        if not self.serving or self.draining.is_set():
+            return False
+        return not self.strict_readiness or self.repository.all_ready()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no inference request is in flight; False if the timeout came first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
         return SERVER_NAME, __version__, EXTENSIONS
@@ -40,6 +66,8 @@ class DataPlane:
     def model_ready(self, name: str, version: str) -> bool:
         try:
             self.repository.get(name, version)
+        except InvalidArgument:
+            raise  # a version string that names no version at all, as Triton answers it
         except KapiError:
             return False
         return True
@@ -63,10 +91,17 @@ class DataPlane:
         return self.repository.get(name, version).config
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        if not self.ready:
+        if not self.serving or self.draining.is_set():
             raise Unavailable("the server is not ready: starting up or draining")
-        model = self.repository.get(request.model_name, request.model_version)
-        return await model.infer(request, self.max_response_bytes)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            model = self.repository.get(request.model_name, request.model_version)
+            return await model.infer(request, self.max_response_bytes)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     def statistics(self, name: str, version: str) -> list[tuple[str, str, ModelStats]]:
         models = [self.repository.get(name, version)] if name else self.repository.loaded()
@@ -75,12 +110,14 @@ class DataPlane:
     def index(self, ready_only: bool) -> list[IndexEntry]:
         return self.repository.index(ready_only)
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
+        check_load_parameters(name, parameters)
         await self.repository.load(name)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
+        check_unload_parameters(name, parameters)
         await self.repository.unload(name)
 
     def _check_model_control(self) -> None:

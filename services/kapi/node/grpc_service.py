@@ -1,34 +1,30 @@
-"""The OIP gRPC servicer: converts protobuf to kapi's types and delegates to the data plane."""
+"""The OIP gRPC servicer: converts protobuf to kapi's types and delegates to the data plane.
+
+Requests reach it as bytes and are parsed here, so a message that does not parse is
+INVALID_ARGUMENT with the reason, as any other malformed request is.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from kapi.core._generated.inference import grpc_service_pb2 as pb
-from kapi.core._generated.inference import grpc_service_pb2_grpc as pb_grpc
-from kapi.core.errors import InternalError, InvalidArgument, KapiError, Unimplemented
+from kapi.core.errors import InvalidArgument, Unimplemented, as_kapi_error
+from kapi.core.inference import Parameter
 from kapi.core.oip import request_from_proto, response_to_proto
 from kapi.node.dataplane import DataPlane
 from kapi.node.runtimes import TensorSpec
 from kapi.node.stats import Duration, ModelStats
+from kapi.node.streams import answer_stream
 
-log = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 Response = TypeVar("Response")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
-
-
-def as_status(error: Exception) -> KapiError:
-    """The KapiError an exception crosses the wire as; unknown ones become INTERNAL."""
-    if isinstance(error, KapiError):
-        return error
-    log.exception("unexpected error", exc_info=error)
-    return InternalError(f"{type(error).__name__}: {error}")
 
 
 def rpc(handler: Handler[Response]) -> Handler[Response]:
@@ -39,11 +35,20 @@ def rpc(handler: Handler[Response]) -> Handler[Response]:
         try:
             return await handler(self, request, context)
         except Exception as exc:
-            error = as_status(exc)
+            error = as_kapi_error(exc)
             await context.abort(error.grpc_status, error.message)
             raise  # unreachable: abort raises
 
     return wrapper
+
+
+def parse(message_type: type[Message], data: bytes) -> Any:
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"the {message_type.DESCRIPTOR.name} message could not be parsed: {exc}"
+        ) from exc
 
 
 def _unimplemented(feature: str) -> Any:  # typed as each RPC it stands for
@@ -53,7 +58,7 @@ def _unimplemented(feature: str) -> Any:  # typed as each RPC it stands for
     return rpc(handler)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     SystemSharedMemoryStatus = _unimplemented("system shared memory")
     SystemSharedMemoryRegister = _unimplemented("system shared memory")
     SystemSharedMemoryUnregister = _unimplemented("system shared memory")
@@ -66,11 +71,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
 
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register every RPC with requests left as bytes (parsed by `parse`)."""
+        handlers = {}
+        for method in SERVICE.methods:
+            serialize = getattr(pb, method.output_type.name).SerializeToString
+            behaviour = getattr(self, method.name)
+            if method.client_streaming:
+                handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                    behaviour, response_serializer=serialize
+                )
+            else:
+                handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                    functools.partial(self._parsed, behaviour, getattr(pb, method.input_type.name)),
+                    response_serializer=serialize,
+                )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+    async def _parsed(
+        self,
+        behaviour: Handler[Any],
+        message_type: type[Message],
+        data: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        try:
+            request = parse(message_type, data)
+        except InvalidArgument as exc:
+            await context.abort(exc.grpc_status, exc.message)
+        return await behaviour(request, context)  # type: ignore[call-arg]
+
     @rpc
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Any
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=self.dataplane.live)
+        return pb.ServerLiveResponse(live=True)  # answering at all is being live
 
     @rpc
     async def ServerReady(
@@ -124,77 +162,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response_to_proto(response)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream run concurrently (so they can batch); each response
-        carries its request's id, and an error travels in error_message, as in Triton.
-        When the node drains, the stream reads no more requests, answers those in flight
-        and ends with UNAVAILABLE, so the client knows to send the rest elsewhere and an
-        idle open stream does not hold up the node's exit."""
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
-        reading, cut_short = True, False
-        read_error: KapiError | None = None
-
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                response = await self.dataplane.infer(request_from_proto(request))
-                results.put_nowait(
-                    pb.ModelStreamInferResponse(infer_response=response_to_proto(response))
-                )
-            except Exception as exc:
-                message = pb.ModelStreamInferResponse(error_message=as_status(exc).message)
-                message.infer_response.id = request.id
-                message.infer_response.model_name = request.model_name
-                results.put_nowait(message)
-
-        async def read_all() -> None:
-            nonlocal reading, read_error
-            try:
-                async for request in requests:
-                    task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            except asyncio.CancelledError:
-                if not cut_short:  # torn down, not drained
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            except Exception as exc:  # a message that does not decode, a broken stream
-                read_error = InvalidArgument(f"the stream could not be read: {exc}")
-            finally:
-                reading = False
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                results.put_nowait(None)
-
-        def cut(drained: asyncio.Task[bool]) -> None:
-            nonlocal cut_short
-            if reading and not drained.cancelled():
-                cut_short = True
-                reader.cancel()
-
-        reader = asyncio.create_task(read_all())
-        drain = asyncio.create_task(self.dataplane.draining.wait())
-        drain.add_done_callback(cut)
-        try:
-            while (message := await results.get()) is not None:
-                yield message
-        finally:
-            drain.cancel()
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-        if read_error is not None:
-            await context.abort(read_error.grpc_status, read_error.message)
-        if cut_short:
-            # A request read just as the drain began may not have been run: the client is to
-            # resend whatever got no response.
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the node is draining: this stream takes no more requests; requests on it "
-                "that got no response were not run, send them again to another node",
-            )
+        """Requests on one stream run concurrently (so they can batch) and are answered in
+        their order, as Triton answers a model that is not decoupled (streams.py)."""
+        parsed = (parse(pb.ModelInferRequest, data) async for data in requests)
+        async for message in answer_stream(self.dataplane, parsed, context):
+            yield message
 
     @rpc
     async def ModelStatistics(
@@ -209,6 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
+        _check_repository_name(request.repository_name)
         response = pb.RepositoryIndexResponse()
         for row in self.dataplane.index(request.ready):
             response.models.add(
@@ -220,15 +195,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self.dataplane.load(request.model_name)
+        _check_repository_name(request.repository_name)
+        await self.dataplane.load(request.model_name, _repository_parameters(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.dataplane.unload(request.model_name)
+        _check_repository_name(request.repository_name)
+        await self.dataplane.unload(request.model_name, _repository_parameters(request.parameters))
         return pb.RepositoryModelUnloadResponse()
+
+
+def _repository_parameters(parameters: Any) -> dict[str, Parameter | bytes]:
+    """A ModelRepositoryParameter map as plain Python values (file contents as bytes)."""
+    return {
+        key: getattr(value, choice)
+        for key, value in parameters.items()
+        if (choice := value.WhichOneof("parameter_choice")) is not None
+    }
+
+
+def _check_repository_name(name: str) -> None:
+    if name:  # Triton's words
+        raise Unimplemented("'repository_name' specification is not supported")
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

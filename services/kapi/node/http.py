@@ -1,4 +1,8 @@
-"""The node's HTTP endpoints on port 8000: KServe v2 health and readiness."""
+"""The node's HTTP endpoints on port 8000: KServe v2 server metadata, health and readiness.
+
+As the KServe v2 protocol says and Triton answers: 200 for true, 400 for false; an error is
+JSON `{"error": "..."}` with its status.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kapi.core.errors import KapiError
 from kapi.node.dataplane import DataPlane
 
 
 def health_app(dataplane: DataPlane) -> Starlette:
     def status(ok: bool) -> Response:
-        return Response(status_code=200 if ok else 503)
+        return Response(status_code=200 if ok else 400)
 
     async def live(request: Request) -> Response:
-        return status(dataplane.live)
+        return status(True)  # answering at all is being live
 
     async def ready(request: Request) -> Response:
         return status(dataplane.ready)
@@ -28,6 +33,10 @@ def health_app(dataplane: DataPlane) -> Starlette:
         name, version, extensions = dataplane.server_metadata()
         return JSONResponse({"name": name, "version": version, "extensions": list(extensions)})
 
+    async def error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, KapiError)
+        return JSONResponse({"error": exc.message}, status_code=exc.http_status)
+
     return Starlette(
         routes=[
             Route("/v2", metadata),
@@ -35,5 +44,6 @@ def health_app(dataplane: DataPlane) -> Starlette:
             Route("/v2/health/ready", ready),
             Route("/v2/models/{name}/ready", model_ready),
             Route("/v2/models/{name}/versions/{version}/ready", model_ready),
-        ]
+        ],
+        exception_handlers={KapiError: error},
     )

@@ -1,7 +1,9 @@
 """The node's model repository: a Triton-layout directory and the versions loaded from it.
 
 A (re)load brings every selected version up completely before it replaces what was serving;
-the versions it replaces are unloaded after their in-flight requests drain.
+the versions it replaces are unloaded after their in-flight requests drain. Whatever goes
+wrong while a model loads (its directory, its config, its runtime, a bug) fails that model
+alone: it is UNAVAILABLE with the reason, and every other model serves on.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from kapi.core.errors import KapiError, NotFound, Unavailable
-from kapi.node.config import read_config, select_versions
+from kapi.core.errors import InvalidArgument, NotFound, Unavailable, as_kapi_error
+from kapi.node.config import check_config, parse_version, read_config, select_versions
+from kapi.node.loader import load_version
 from kapi.node.model import ModelVersion
 from kapi.node.stats import NodeMetrics
 
 log = logging.getLogger(__name__)
+UNLOADED = "unloaded"  # the reason of a model unloaded on request, as Triton words it
 
 
 class State(StrEnum):
@@ -56,25 +60,35 @@ class ModelRepository:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def names_on_disk(self) -> list[str]:
-        return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        try:
+            entries = [p for p in self.root.iterdir() if p.is_dir()]
+        except OSError as exc:
+            raise Unavailable(f"the model repository {self.root} cannot be read: {exc}") from exc
+        return sorted(p.name for p in entries if not p.name.startswith("."))
 
     async def load(self, name: str) -> None:
+        """Load (or reload) a model; raises why it failed, having marked it UNAVAILABLE with
+        that reason (a model that was serving keeps serving its old versions)."""
         model_dir = self.root / name
         if not name or "/" in name or name.startswith(".") or not model_dir.is_dir():
-            raise NotFound(f"model '{name}' is not in the model repository {self.root}")
+            missing = NotFound(f"model '{name}' is not in the model repository {self.root}")
+            log.error("model failed to load", extra={"model": name, "reason": missing.message})
+            raise missing
         async with self._locks[name]:
             entry = self._models.setdefault(name, ModelEntry())
-            previous_state = entry.state
-            entry.state = State.LOADING if previous_state != State.READY else previous_state
+            serving = entry.state == State.READY
+            entry.state = State.READY if serving else State.LOADING
             try:
                 loaded = await self._load_versions(model_dir)
-            except KapiError as exc:
-                if previous_state != State.READY:
-                    entry.state, entry.reason = State.UNAVAILABLE, exc.message
-                log.error("model load failed", extra={"model": name, "reason": exc.message})
-                raise
+            except BaseException as exc:
+                error = as_kapi_error(exc) if isinstance(exc, Exception) else None
+                reason = error.message if error else "the load was cancelled"
+                if not serving:
+                    entry.state, entry.reason = State.UNAVAILABLE, reason
+                log.error("model failed to load", extra={"model": name, "reason": reason})
+                if error is None or error is exc:
+                    raise
+                raise error from exc
             old, entry.versions = entry.versions, loaded
             entry.state, entry.reason = State.READY, ""
             log.info("model ready", extra={"model": name, "versions": sorted(loaded)})
@@ -82,11 +96,12 @@ class ModelRepository:
 
     async def _load_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
         config = read_config(model_dir)
+        check_config(config)
         versions = select_versions(model_dir, config)
         loaded: dict[int, ModelVersion] = {}
         try:
             for version in versions:
-                loaded[version] = await ModelVersion.load(
+                loaded[version] = await load_version(
                     model_dir, version, config, self._metrics, self._default_max_batch_size
                 )
         except BaseException:
@@ -95,14 +110,16 @@ class ModelRepository:
         return loaded
 
     async def unload(self, name: str) -> None:
+        """Unload a model. A model that failed to load is unloaded too: it then no longer
+        counts against readiness."""
         async with self._locks[name]:
             entry = self._models.get(name)
-            if entry is None or not entry.versions:
+            if entry is None or entry.reason == UNLOADED or entry.state == State.LOADING:
                 raise NotFound(f"model '{name}' is not loaded")
             entry.state = State.UNLOADING
             old, entry.versions = entry.versions, {}
             await self._unload_versions(old.values())
-            entry.state, entry.reason = State.UNAVAILABLE, "unloaded"
+            entry.state, entry.reason = State.UNAVAILABLE, UNLOADED
 
     async def close(self) -> None:
         for name in list(self._models):
@@ -110,16 +127,30 @@ class ModelRepository:
             if entry.versions:
                 await self.unload(name)
 
+    def all_ready(self) -> bool:
+        """Triton's strict readiness: every model it was asked to load is READY, unless it
+        was unloaded on request since."""
+        return all(
+            entry.state == State.READY or entry.reason == UNLOADED
+            for entry in self._models.values()
+        )
+
     def get(self, name: str, version: str = "") -> ModelVersion:
         """The version to serve: the one named, or the highest loaded."""
         entry = self._models.get(name)
         if entry is None:
             raise NotFound(f"unknown model '{name}'")
+        number = parse_version(version) if version else None
+        if version and number is None:  # as Triton words it
+            raise InvalidArgument(
+                f"failed to get model version from specified version string '{version}', "
+                "version should be an integral value > 0"
+            )
         if not entry.versions:
             raise Unavailable(f"model '{name}' is not ready: {entry.state} {entry.reason}".rstrip())
-        if not version:
+        if number is None:
             return entry.versions[max(entry.versions)]
-        loaded = entry.versions.get(int(version)) if version.isdigit() else None
+        loaded = entry.versions.get(number)
         if loaded is None:
             raise NotFound(
                 f"model '{name}' has no version '{version}', loaded: {sorted(entry.versions)}"
@@ -136,7 +167,7 @@ class ModelRepository:
     def index(self, ready_only: bool) -> list[IndexEntry]:
         rows: list[IndexEntry] = []
         for name in sorted(set(self.names_on_disk()) | self._models.keys()):
-            entry = self._models.get(name, ModelEntry(reason=""))
+            entry = self._models.get(name, ModelEntry())
             if entry.versions:
                 rows.extend(
                     IndexEntry(name, str(v), entry.state, "") for v in sorted(entry.versions)

@@ -22,7 +22,7 @@ import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, KapiError, Unavailable
-from kapi.node.runtimes import Arrays, Runtime
+from kapi.node.runtimes import Arrays, Runtime, in_daemon_thread
 from kapi.node.stats import ModelStats
 
 log = logging.getLogger(__name__)
@@ -69,17 +69,13 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._ready = threading.Condition()  # guards _queue and _closed
         self._closed = False
+        self.merges = True  # whether requests may share an execution (dynamic batching)
         self._threads = [
             threading.Thread(target=self._serve, name=f"{model}:{index}", daemon=True)
             for index in range(max(runtime.instances, 1))
         ]
         for thread in self._threads:
             thread.start()
-
-    @property
-    def pending(self) -> int:
-        """Requests queued and not yet taken by an instance."""
-        return len(self._queue)
 
     async def submit(self, job: Job) -> Arrays:
         """Queue the job; its outputs come back once an instance has run it."""
@@ -101,7 +97,7 @@ class Scheduler:
         """Stop taking work: requests still queued fail with UNAVAILABLE at once; then wait
         for the executions running (a batch being formed runs with what it has)."""
         self._deliver(self._stop_taking())
-        await asyncio.to_thread(self._join)
+        await in_daemon_thread(self._join)
 
     def _stop_taking(self) -> _Execution:
         """Close the queue; what was in it, as a failed execution to deliver."""
@@ -154,6 +150,17 @@ class Scheduler:
             job = self._first()
             return None if job is None else [job]
 
+    def _stop_merging(self, reason: str) -> None:
+        """Run each request alone from now on: the model's outputs do not keep the batch."""
+        if self.merges:
+            self.merges = False
+            log.warning(
+                "the model's outputs do not keep the batch dimension first: its requests run "
+                "one at a time from now on (%s)",
+                reason,
+                extra={"model": self.model},
+            )
+
     def _first(self) -> Job | None:
         """The oldest job still wanted, waiting for one; None once closed (close fails what is
         still queued). Holds _ready."""
@@ -184,6 +191,9 @@ class Scheduler:
             results = self.runtime.infer(inputs, wanted)
             output_start = time.perf_counter_ns()
             outputs = _split(jobs, results)
+        except _NotBatched as exc:  # the probe at load could not tell; now we know
+            self._stop_merging(str(exc))
+            return all([self._execute([job]) for job in jobs])
         except BaseException as exc:  # every request of the execution learns why it failed
             error = (
                 exc
@@ -250,7 +260,7 @@ class DynamicBatcher(Scheduler):
                 return None
             batch, size = [first], first.batch_size
             deadline_ns = first.enqueued_ns + self._delay_ns
-            while size < self._max and size not in self._preferred:
+            while self.merges and size < self._max and size not in self._preferred:
                 if not self._queue:
                     remaining_ns = deadline_ns - time.perf_counter_ns()
                     if remaining_ns <= 0 or self._closed:
@@ -274,13 +284,17 @@ def _merge(jobs: list[Job]) -> Arrays:
     return {name: np.concatenate([job.inputs[name] for job in jobs]) for name in jobs[0].inputs}
 
 
+class _NotBatched(InternalError):
+    """A merged execution's output does not have the batch's rows as its first dimension."""
+
+
 def _split(jobs: list[Job], outputs: Arrays) -> list[Arrays]:
     if len(jobs) == 1:
         return [{name: outputs[name] for name in jobs[0].outputs}]
     rows = sum(job.batch_size for job in jobs)
     for name, array in outputs.items():
         if array.shape[:1] != (rows,):
-            raise InternalError(
+            raise _NotBatched(
                 f"output '{name}' has shape {list(array.shape)}: a batch of {rows} rows "
                 f"needs {rows} as its first dimension"
             )

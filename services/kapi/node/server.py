@@ -1,7 +1,12 @@
 """The node process: OIP gRPC, health HTTP and metrics HTTP on one event loop.
 
-SIGTERM or SIGINT: the node reports not-ready, stops taking requests, lets in-flight ones
-finish (up to drain_timeout_s), unloads its models and exits.
+Start: every port is bound first, so a port in use is one clear error before any model
+loads. SIGTERM or SIGINT drains in phases, so no request that was accepted is cancelled:
+1. the node reports not ready;
+2. the listeners stay up; new requests get UNAVAILABLE, open streams end once answered,
+   and the requests in flight finish (up to drain_timeout_s);
+3. the gRPC server stops;
+4. the models unload, with a bounded wait on their runtimes.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -20,19 +27,23 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 from kapi.core._generated._pool import POOL
-from kapi.core._generated.inference import grpc_service_pb2 as pb
-from kapi.core._generated.inference import grpc_service_pb2_grpc as pb_grpc
 from kapi.core.errors import KapiError
 from kapi.core.metrics import metrics_app
 from kapi.node.dataplane import DataPlane
-from kapi.node.grpc_service import InferenceServicer
+from kapi.node.grpc_service import SERVICE, InferenceServicer
 from kapi.node.http import health_app
 from kapi.node.repository import ModelRepository
 from kapi.node.settings import NodeSettings
 from kapi.node.stats import NodeMetrics
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# How long stopping the gRPC server waits for calls other than inference (metadata, a
+# stream's last write) once the requests in flight are done.
+GRPC_STOP_GRACE_S = 5.0
+
+
+class StartupError(KapiError):
+    """The node cannot start as configured: a port in use, no model repository."""
 
 
 class _QuietServer(uvicorn.Server):
@@ -41,6 +52,24 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 whose Check answers the node's readiness as it is at that moment."""
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        super().__init__()
+        self._dataplane = dataplane
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: object) -> object:  # noqa: N802
+        if request.service not in ("", SERVICE.full_name):
+            return await super().Check(request, context)
+        ready = self._dataplane.ready
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
 
 class NodeServer:
@@ -57,35 +86,58 @@ class NodeServer:
             self.repository,
             settings.model_control_mode == "explicit",
             settings.max_message_bytes,
+            settings.strict_readiness,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = _Health(self.dataplane)
         self._stop = asyncio.Event()
 
     async def run(self) -> None:
+        if not self.settings.model_repository.is_dir():
+            raise StartupError(
+                f"the model repository {self.settings.model_repository} is not a directory"
+            )
         grpc_server = self._grpc_server()
-        await grpc_server.start()
+        sockets = [self._bind("HTTP", self.settings.http_port)]
+        sockets.append(self._bind("metrics", self.settings.metrics_port))
         http_servers = [
-            self._http_server(health_app(self.dataplane), self.settings.http_port),
-            self._http_server(metrics_app(self.registry), self.settings.metrics_port),
+            self._http_server(health_app(self.dataplane)),
+            self._http_server(metrics_app(self.registry)),
         ]
-        http_tasks = [asyncio.create_task(server.serve()) for server in http_servers]
-        self._install_signal_handlers()
-        await self._load_initial_models()
-        await self._set_ready(True)
-        log.info("node ready", extra={"grpc_port": self.settings.grpc_port})
-        await self._stop.wait()
-        log.info("draining")
-        await self._set_ready(False)
-        self.dataplane.draining.set()
-        await grpc_server.stop(self.settings.drain_timeout_s)
-        await self.repository.close()
-        for server in http_servers:
-            server.should_exit = True
-        await asyncio.gather(*http_tasks)
+        await grpc_server.start()
+        http_tasks = [
+            asyncio.create_task(server.serve(sockets=[sock]))
+            for server, sock in zip(http_servers, sockets, strict=True)
+        ]
+        try:
+            self._install_signal_handlers()
+            await self._load_initial_models()
+            self.dataplane.serving = True
+            await self._announce()
+            log.info("node ready", extra={"grpc_port": self.settings.grpc_port})
+            await self._stop.wait()
+            await self._drain(grpc_server)
+        finally:
+            await grpc_server.stop(0)
+            await self.repository.close()
+            for server in http_servers:
+                server.should_exit = True
+            await asyncio.gather(*http_tasks, return_exceptions=True)
+            for sock in sockets:
+                sock.close()
         log.info("node stopped")
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def _drain(self, grpc_server: grpc.aio.Server) -> None:
+        log.info("draining")
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        self.dataplane.draining.set()
+        await self._announce()
+        if not await self.dataplane.wait_idle(self.settings.drain_timeout_s):
+            log.warning("drain timeout: stopping with requests in flight")
+        grace = min(GRPC_STOP_GRACE_S, max(deadline - time.monotonic(), 0.1))
+        await grpc_server.stop(grace)
 
     def _grpc_server(self) -> grpc.aio.Server:
         limit = self.settings.max_message_bytes
@@ -93,22 +145,44 @@ class NodeServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # grpcio shares a port by default, so a second node would silently take half
+                # the traffic; as Triton, only when asked (--reuse-grpc-port).
+                ("grpc.so_reuseport", int(self.settings.reuse_grpc_port)),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane), server
-        )
+        InferenceServicer(self.dataplane).add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, reflection.SERVICE_NAME), server, pool=POOL
+            (SERVICE.full_name, reflection.SERVICE_NAME), server, pool=POOL
         )
-        server.add_insecure_port(f"{self.settings.host}:{self.settings.grpc_port}")
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        try:
+            server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot listen for gRPC on {address}: the address is already in use or not "
+                "available (another node? --reuse-grpc-port true shares it on purpose)"
+            ) from exc
         return server
 
-    def _http_server(self, app: ASGIApp, port: int) -> uvicorn.Server:
-        config = uvicorn.Config(
-            app, host=self.settings.host, port=port, log_level="warning", lifespan="off"
-        )
+    def _bind(self, purpose: str, port: int) -> socket.socket:
+        """A listening socket of our own for uvicorn, so a port in use fails here, clearly."""
+        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.host, port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot listen for {purpose} on {self.settings.host}:{port}: {exc.strerror}"
+            ) from exc
+        sock.listen(2048)
+        sock.setblocking(False)
+        return sock
+
+    def _http_server(self, app: ASGIApp) -> uvicorn.Server:
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
         return _QuietServer(config)
 
     def _install_signal_handlers(self) -> None:
@@ -121,17 +195,17 @@ class NodeServer:
         if self.settings.model_control_mode == "explicit" and "*" not in self.settings.load_models:
             names = self.settings.load_models
         for name in names:
-            try:
+            if self._stop.is_set():
+                return
+            with contextlib.suppress(KapiError):  # logged; one bad model keeps no other down
                 await self.repository.load(name)
-            except KapiError as exc:  # one bad model must not keep the others down
-                log.error("model failed to load", extra={"model": name, "reason": exc.message})
 
-    async def _set_ready(self, ready: bool) -> None:
-        self.dataplane.ready = ready
+    async def _announce(self) -> None:
+        """Tell grpc.health.v1 watchers the readiness as it is now."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.dataplane.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
+        await self.health.set(SERVICE.full_name, status)

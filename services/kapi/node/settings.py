@@ -24,7 +24,12 @@ class NodeSettings(ServiceSettings):
     load_models: list[str] = []
     # Triton's auto-complete gives a batchable model without a config this max_batch_size.
     default_max_batch_size: int = 4
-    # Larger requests are refused with RESOURCE_EXHAUSTED.
-    max_message_bytes: int = 256 * 1024 * 1024
+    # Larger requests and responses are refused with RESOURCE_EXHAUSTED. 64 MiB holds a
+    # batch of 64 FP32 images of 3x224x224 (37 MiB) and bounds what one request can cost.
+    max_message_bytes: int = 64 * 1024 * 1024
     # How long SIGTERM or an unload waits for in-flight requests.
     drain_timeout_s: float = 30.0
+    # Triton's --strict-readiness: ready only while every model asked for is loaded.
+    strict_readiness: bool = True
+    # Triton's --reuse-grpc-port: let several servers share the gRPC port (SO_REUSEPORT).
+    reuse_grpc_port: bool = False

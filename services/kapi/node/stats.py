@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter as Counter_
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -33,6 +34,9 @@ class NodeMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ("model", "version")
+        # How many loaded ModelStats count into each version's series: a reload of a
+        # version loads the new one before the old one closes, and both share the series.
+        self._users: Counter_[tuple[str, str]] = Counter_()
         self.requests = Counter(
             "kapi_node_inference_requests",
             "Inference requests by outcome",
@@ -68,6 +72,21 @@ class NodeMetrics:
             registry=registry,
         )
 
+    def acquire(self, model: str, version: str) -> None:
+        self._users[model, version] += 1
+
+    def release(self, model: str, version: str) -> None:
+        """Drop a version's series once the last ModelStats that counts into them closes."""
+        self._users[model, version] -= 1
+        if self._users[model, version] > 0:
+            return
+        del self._users[model, version]
+        for outcome in ("success", "failure"):
+            self.requests.remove(model, version, outcome)
+        for family in (self.request_seconds, self.queue_seconds, self.compute_seconds):
+            family.remove(model, version)
+        self.batch_size.remove(model, version)
+
 
 class ModelStats:
     """Counters for one model version, updated on the event loop only."""
@@ -83,12 +102,20 @@ class ModelStats:
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference_ms = 0
+        self._metrics = metrics
+        self._labels = (model, version)
+        metrics.acquire(model, version)
         self._requests_ok = metrics.requests.labels(model, version, "success")
         self._requests_failed = metrics.requests.labels(model, version, "failure")
         self._request_seconds = metrics.request_seconds.labels(model, version)
         self._queue_seconds = metrics.queue_seconds.labels(model, version)
         self._compute_seconds = metrics.compute_seconds.labels(model, version)
         self._batch_size = metrics.batch_size.labels(model, version)
+
+    def close(self) -> None:
+        """This version is unloaded: its Prometheus series go, unless a reload of the same
+        version shares them."""
+        self._metrics.release(*self._labels)
 
     def record_request(self, ns: int, queue_ns: int, ok: bool, batch_size: int) -> None:
         if ok:

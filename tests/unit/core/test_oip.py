@@ -38,8 +38,8 @@ def test_raw_inputs_decode_in_order() -> None:
     )
     decoded = request_from_proto(request)
     assert (decoded.model_name, decoded.model_version, decoded.id) == ("digits", "3", "r-7")
-    assert decoded.requested_outputs == ["probs", "classes"]
-    image, label = decoded.inputs
+    assert [output.name for output in decoded.outputs] == ["probs", "classes"]
+    image, label = (tensor.decode() for tensor in decoded.inputs)
     assert (image.name, image.datatype, image.shape) == ("image", "FP32", (1, 2))
     np.testing.assert_array_equal(image.data, [[0.5, -1.0]])
     assert label.data.tolist() == [b"a", b""]
@@ -69,7 +69,8 @@ def test_every_typed_field_is_tested() -> None:
 def test_typed_contents_decode(datatype: str) -> None:
     request = _request(x=(datatype, [2, 1]))
     getattr(request.inputs[0].contents, CONTENTS_FIELD[datatype]).extend(TYPED[datatype])
-    (tensor,) = request_from_proto(request).inputs
+    (encoded,) = request_from_proto(request).inputs
+    tensor = encoded.decode()
     assert tensor.shape == (2, 1)
     assert tensor.data.reshape(-1).tolist() == TYPED[datatype]
 
@@ -86,14 +87,14 @@ def test_typed_contents_with_a_wrong_count() -> None:
     request = _request(x=("INT32", [3]))
     request.inputs[0].contents.int_contents.extend([1, 2])
     with pytest.raises(InvalidArgument, match="input 'x': 2 elements in contents, expected 3"):
-        request_from_proto(request)
+        request_from_proto(request).inputs[0].decode()
 
 
 def test_typed_contents_that_overflow_the_datatype() -> None:
     request = _request(x=("INT8", [1]))
     request.inputs[0].contents.int_contents.append(1000)
     with pytest.raises(InvalidArgument, match="input 'x': contents do not fit INT8"):
-        request_from_proto(request)
+        request_from_proto(request).inputs[0].decode()
 
 
 @pytest.mark.parametrize(("raw_count", "input_count"), [(1, 2), (3, 2)])
@@ -125,7 +126,7 @@ def test_raw_contents_of_the_wrong_size_name_the_input() -> None:
     request = _request(x=("FP32", [2]))
     request.raw_input_contents.append(b"\x00" * 7)
     with pytest.raises(InvalidArgument, match="input 'x': 7 bytes of raw contents, expected 8"):
-        request_from_proto(request)
+        request_from_proto(request).inputs[0].decode()
 
 
 def test_parameters_decode_to_python_values() -> None:
@@ -210,10 +211,11 @@ def test_tritonclient_request_decodes_in_kapi() -> None:
     )
     decoded = request_from_proto(pb.ModelInferRequest.FromString(sent.SerializeToString()))
     assert (decoded.model_name, decoded.model_version, decoded.id) == ("digits", "2", "r-9")
-    assert decoded.requested_outputs == ["out"]
+    assert [output.name for output in decoded.outputs] == ["out"]
     assert decoded.parameters == {"priority": 3, "custom": "value"}
     assert [tensor.datatype for tensor in decoded.inputs] == list(INTEROP)
-    for tensor, expected in zip(decoded.inputs, INTEROP.values(), strict=True):
+    tensors = [encoded.decode() for encoded in decoded.inputs]
+    for tensor, expected in zip(tensors, INTEROP.values(), strict=True):
         assert tensor.data.dtype == expected.dtype
         np.testing.assert_array_equal(tensor.data, expected)
 

@@ -13,9 +13,11 @@ from kapi.core.errors import InvalidArgument, NotFound
 from kapi.core.tensors import DATATYPES
 from kapi.node.config import (
     available_versions,
+    check_config,
     choose_runtime,
     config_datatype,
     oip_datatype,
+    parse_version,
     read_config,
     select_versions,
 )
@@ -172,13 +174,13 @@ def test_models_kapi_cannot_serve_are_refused(tmp_path: Path, section: str) -> N
     text = f'name: "resnet"\nmax_batch_size: 4\n{section}\n'
     text_format.Parse(text, triton_mc.ModelConfig())  # a valid Triton config all the same
     with pytest.raises(InvalidArgument, match=r"model 'resnet': .*not supported by kapi"):
-        read_config(_model_dir(tmp_path, text))
+        check_config(read_config(_model_dir(tmp_path, text)))
 
 
 def test_a_negative_instance_count_is_refused(tmp_path: Path) -> None:
     text = 'name: "resnet"\ninstance_group [ { count: -1 kind: KIND_CPU } ]\n'
     with pytest.raises(InvalidArgument, match=r"instance_group count is -1; it must be 1 or more"):
-        read_config(_model_dir(tmp_path, text))
+        check_config(read_config(_model_dir(tmp_path, text)))
 
 
 def test_triton_config_parses_in_triton_too() -> None:
@@ -189,7 +191,7 @@ def test_triton_config_parses_in_triton_too() -> None:
 
 def test_skipped_sections_are_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kapi.node.config")
-    read_config(_model_dir(tmp_path, "response_cache { enable: true }\n"))
+    check_config(read_config(_model_dir(tmp_path, "response_cache { enable: true }\n")))
     assert "response_cache" in caplog.text
 
 
@@ -336,3 +338,111 @@ def test_string_is_bytes_and_invalid_stays_invalid() -> None:
     assert oip_datatype(mc.TYPE_STRING) == "BYTES"
     assert config_datatype("BYTES") == mc.TYPE_STRING
     assert oip_datatype(mc.TYPE_INVALID) == "INVALID"
+
+
+# --- what kapi does with each field ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ('input [ { name: "x" dims: [ 3 ] reshape { shape: [ 1, 3 ] } } ]', "input[x].reshape"),
+        ('output [ { name: "y" dims: [ 3 ] reshape { shape: [ 3, 1 ] } } ]', "output[y].reshape"),
+        ('input [ { name: "x" dims: [ -1 ] allow_ragged_batch: true } ]', "input[x].allow_ragged"),
+        ('input [ { name: "x" dims: [ 2 ] is_shape_tensor: true } ]', "input[x].is_shape_tensor"),
+        (
+            'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_FP32 '
+            'source_input: "x" } ]',
+            "batch_input",
+        ),
+        ('cc_model_filenames { key: "7.5" value: "model_t4.plan" }', "cc_model_filenames"),
+        ('model_repository_agents { agents [ { name: "checksum" } ] }', "model_repository"),
+        ('model_operations { op_library_filename: [ "ops.so" ] }', "model_operations"),
+    ],
+)
+def test_fields_that_change_the_answers_are_refused(
+    tmp_path: Path, section: str, field: str
+) -> None:
+    """Serving without these would answer otherwise than Triton, so the model does not load."""
+    config = read_config(_model_dir(tmp_path, f"max_batch_size: 4\n{section}\n"))
+    with pytest.raises(InvalidArgument, match="not supported by kapi yet") as raised:
+        check_config(config)
+    assert field in raised.value.message
+
+
+def test_fields_kapi_ignores_are_warned_about_one_by_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = """
+    max_batch_size: 4
+    input [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] format: FORMAT_NCHW } ]
+    output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
+    dynamic_batching {
+      max_queue_delay_microseconds: 100
+      priority_levels: 2
+      default_queue_policy { max_queue_size: 4 default_timeout_microseconds: 10 }
+    }
+    instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]
+    optimization { cuda { graphs: true } }
+    """
+    caplog.set_level(logging.WARNING, logger="kapi.node.config")
+    check_config(read_config(_model_dir(tmp_path, text)))
+    (record,) = caplog.records
+    ignored = record.getMessage().split("kapi ignores config fields ")[1].split(", ")
+    assert sorted(ignored) == sorted(
+        [
+            "input[x].format",
+            "output[y].label_filename",
+            "dynamic_batching.priority_levels",
+            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+            "instance_group[0].gpus",
+            "optimization",
+        ]
+    )
+
+
+def test_a_config_kapi_acts_on_entirely_logs_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = """
+    name: "resnet" platform: "onnxruntime_onnx" max_batch_size: 8
+    input [ { name: "x" data_type: TYPE_FP32 dims: [ 3 ] } ]
+    output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] } ]
+    dynamic_batching { preferred_batch_size: [ 4 ] default_queue_policy { max_queue_size: 8 } }
+    instance_group [ { name: "cpu" count: 2 kind: KIND_CPU } ]
+    version_policy { latest { num_versions: 2 } }
+    parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+    """
+    caplog.set_level(logging.WARNING, logger="kapi.node.config")
+    check_config(read_config(_model_dir(tmp_path, text)))
+    assert caplog.records == []
+
+
+def test_a_config_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    (model_dir / "config.pbtxt").write_bytes(b'name: "resnet"\n\xff\xfe max_batch_size: 2\n')
+    with pytest.raises(InvalidArgument, match=r"config.pbtxt: cannot be read as a text config"):
+        read_config(model_dir)
+
+
+def test_a_config_that_is_a_directory_is_a_clear_error(tmp_path: Path) -> None:
+    model_dir = _model_dir(tmp_path)
+    (model_dir / "config.pbtxt").mkdir()
+    with pytest.raises(InvalidArgument, match=r"config.pbtxt: cannot be read as a text config"):
+        read_config(model_dir)
+
+
+@pytest.mark.parametrize("name", ["\u00b2", "\u0661", "\uff11", "1\u00b2"])
+def test_version_directories_of_non_ascii_digits_are_not_versions(
+    tmp_path: Path, name: str
+) -> None:
+    """str.isdigit() is true for these, and int() fails on some (a superscript two) or reads
+    others as numbers (an Arabic-Indic one): neither is a version directory."""
+    assert available_versions(_versions(tmp_path, name, "2")) == [2]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("1", 1), ("12", 12), ("", None), ("\u00b2", None), ("\u0661", None)]
+)
+def test_parse_version_takes_ascii_digits_only(text: str, expected: int | None) -> None:
+    assert parse_version(text) == expected

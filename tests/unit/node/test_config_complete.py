@@ -9,7 +9,12 @@ import pytest
 from google.protobuf import text_format
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, KapiError
-from kapi.node.config import complete_config, read_config
+from kapi.node.config import (
+    check_tensor_types,
+    complete_config,
+    complete_instance_groups,
+    read_config,
+)
 from kapi.node.runtimes import TensorSpec
 
 BATCHED_IN = [TensorSpec("image", "FP32", (-1, 3, 8, 8)), TensorSpec("text", "BYTES", (-1,))]
@@ -30,15 +35,53 @@ def test_a_batchable_model_gets_batching() -> None:
     complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
     assert config.max_batch_size == 4
     assert config.HasField("dynamic_batching")
-    assert config.dynamic_batching == mc.ModelDynamicBatching()
+    # Triton's normalization: a dynamic batcher without preferred sizes prefers full batches.
+    assert config.dynamic_batching == mc.ModelDynamicBatching(preferred_batch_size=[4])
     assert _tensors(config.input) == [
         ("image", mc.TYPE_FP32, [3, 8, 8]),
         ("text", mc.TYPE_STRING, []),
     ]
     assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
-    assert [(g.count, g.kind) for g in config.instance_group] == [
-        (1, mc.ModelInstanceGroup.KIND_CPU)
-    ]
+
+
+def test_the_latest_version_is_the_default_policy() -> None:
+    config = _config()
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.version_policy == mc.ModelVersionPolicy(
+        latest=mc.ModelVersionPolicy.Latest(num_versions=1)
+    )
+
+
+def test_a_declared_version_policy_is_kept() -> None:
+    config = _config("version_policy { all { } }")
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+
+
+def test_a_max_batch_size_of_one_gets_no_dynamic_batcher() -> None:
+    config = _config()
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=1)
+    assert config.max_batch_size == 1
+    assert not config.HasField("dynamic_batching")
+
+
+def test_outputs_that_lose_the_batch_dimension_keep_the_model_unbatched() -> None:
+    """The load-time probe (merges=False) saw outputs whose first dimension is not the
+    batch: completion must not make such a model batch, whatever its shapes look like."""
+    config = _config()
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4, merges=False)
+    assert config.max_batch_size == 0
+    assert not config.HasField("dynamic_batching")
+
+
+@pytest.mark.parametrize("datatype", ["seq(map(int64,tensor(float)))", "tensor(float8e4m3fn)"])
+def test_a_tensor_of_a_type_kapi_cannot_serve_is_a_clear_error(datatype: str) -> None:
+    outputs = [*BATCHED_OUT, TensorSpec("probabilities", datatype, ())]
+    with pytest.raises(InvalidArgument) as raised:
+        check_tensor_types("m", BATCHED_IN, outputs)
+    assert raised.value.message.startswith(
+        f"model 'm': output 'probabilities' is of type {datatype}, which kapi cannot serve"
+    )
 
 
 def test_batching_is_off_when_the_default_is_zero() -> None:
@@ -59,14 +102,26 @@ def test_a_model_with_a_fixed_first_dimension_is_not_batched() -> None:
 
 
 def test_declared_tensors_are_kept_and_the_rest_added() -> None:
-    config = _config('input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]')
+    """As Triton's ONNX Runtime backend: a config that declares only some tensors is still
+    auto-completed, batching included."""
+    config = _config('input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] } ]')
     complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
-    assert config.max_batch_size == 0  # a config that declares tensors is not auto-batched
+    assert config.max_batch_size == 4
     assert _tensors(config.input) == [
-        ("text", mc.TYPE_STRING, [1]),
-        ("image", mc.TYPE_FP32, [-1, 3, 8, 8]),
+        ("image", mc.TYPE_FP32, [3, 8, 8]),
+        ("text", mc.TYPE_STRING, []),
     ]
-    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [-1, 10])]
+    assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
+
+
+def test_a_config_that_declares_inputs_and_outputs_is_not_auto_batched() -> None:
+    config = _config(
+        'input [ { name: "image" data_type: TYPE_FP32 dims: [ -1, 3, 8, 8 ] } ] '
+        'output [ { name: "probs" data_type: TYPE_FP16 dims: [ -1, 10 ] } ]'
+    )
+    complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
+    assert config.max_batch_size == 0
+    assert [tensor.name for tensor in config.input] == ["image", "text"]
 
 
 def test_a_declared_max_batch_size_strips_the_batch_dimension() -> None:
@@ -161,3 +216,34 @@ def test_declared_inputs_that_agree_with_the_model_are_kept() -> None:
     )
     complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
     assert [tensor.name for tensor in config.input] == ["image", "text"]
+
+
+# --- instance groups, as Triton's NormalizeInstanceGroup ------------------------------------
+
+Group = mc.ModelInstanceGroup
+
+
+def test_no_instance_group_is_one_named_after_the_model() -> None:
+    config = _config()
+    complete_instance_groups(config, Group.KIND_CPU, cpu_count=2)
+    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [("m", Group.KIND_CPU, 2)]
+
+
+def test_unnamed_groups_are_numbered_and_counts_defaulted() -> None:
+    config = _config(
+        'instance_group [ { kind: KIND_CPU }, { name: "fast" count: 3 kind: KIND_GPU }, '
+        "{ kind: KIND_AUTO }, { kind: KIND_GPU } ]"
+    )
+    complete_instance_groups(config, Group.KIND_CPU, cpu_count=2)
+    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [
+        ("m_0", Group.KIND_CPU, 2),
+        ("fast", Group.KIND_GPU, 3),
+        ("m_2", Group.KIND_CPU, 2),
+        ("m_3", Group.KIND_GPU, 1),
+    ]
+
+
+def test_a_gpu_runtime_gets_a_gpu_group() -> None:
+    config = _config()
+    complete_instance_groups(config, Group.KIND_GPU, cpu_count=1)
+    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [("m", Group.KIND_GPU, 1)]

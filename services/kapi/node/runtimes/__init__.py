@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from kapi.core.errors import InvalidArgument
-from kapi.node.runtimes._base import Arrays, ModelFiles, Runtime, TensorSpec
+from kapi.node.runtimes._base import Arrays, ModelFiles, Runtime, TensorSpec, in_daemon_thread
 
 # name -> (module, class). Triton's backend and platform names map onto these below.
 RUNTIMES = {
@@ -41,5 +41,6 @@ __all__ = [
     "ModelFiles",
     "Runtime",
     "TensorSpec",
+    "in_daemon_thread",
     "runtime_class",
 ]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +17,36 @@ import numpy.typing as npt
 from kapi.core._generated.inference import model_config_pb2 as mc
 
 Arrays = dict[str, npt.NDArray[np.generic]]
+Result = TypeVar("Result")
+
+
+async def in_daemon_thread(call: Callable[[], Result]) -> Result:
+    """`call()` on a thread of its own that does not hold up the process's exit: for work
+    that a bounded wait may give up on (a runtime that does not stop), where the default
+    executor would make the exit wait for it all the same."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Result] = loop.create_future()
+
+    def settle(result: Result | None, error: BaseException | None) -> None:
+        if future.done():  # the waiter gave up
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(Result, result))
+
+    def run() -> None:
+        result: Result | None = None
+        error: BaseException | None = None
+        try:
+            result = call()
+        except BaseException as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="kapi-stop", daemon=True).start()
+    return await future
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +80,16 @@ class Runtime(abc.ABC):
 
     #: The file a version directory holds when config.pbtxt names no default_model_filename.
     default_filename: str = ""
+    #: The config.pbtxt `parameters` keys this runtime reads; others are warned about at load.
+    parameters: frozenset[str] = frozenset()
+    #: Instances of a CPU instance group that gives no count (Triton's default per backend).
+    cpu_instance_count: int = 1
+
+    @classmethod
+    def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
+        """The instance kind of a group that names none (KIND_AUTO): where this runtime
+        runs when nothing says otherwise."""
+        return mc.ModelInstanceGroup.KIND_CPU
 
     def __init__(self, files: ModelFiles, instances: int) -> None:
         self.files = files
@@ -60,7 +104,7 @@ class Runtime(abc.ABC):
         return array
 
     async def unload(self) -> None:
-        await asyncio.to_thread(self._unload)
+        await in_daemon_thread(self._unload)
 
     @abc.abstractmethod
     def metadata(self) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -42,11 +42,18 @@ _ONNX_BFLOAT16 = 16  # onnx.TensorProto.BFLOAT16
 
 class OnnxRuntime(Runtime):
     default_filename = "model.onnx"
+    # Triton's onnxruntime backend reads the same names from config.pbtxt.
+    parameters = frozenset({"intra_op_thread_count", "inter_op_thread_count"})
+    cpu_instance_count = 2  # Triton's default for ONNX Runtime on the CPU
+
+    @classmethod
+    def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
+        gpu = any(name in ort.get_available_providers() for name in _GPU_PROVIDERS)
+        return mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
 
     def _load(self) -> None:
         options = ort.SessionOptions()
         params = self.files.parameters
-        # Triton's onnxruntime backend reads the same parameter names from config.pbtxt.
         options.intra_op_num_threads = int(params.get("intra_op_thread_count", 0))
         options.inter_op_num_threads = int(params.get("inter_op_thread_count", 0))
         self._session = ort.InferenceSession(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import queue
+import re
 from typing import Any
 
 from kapi.core._generated.inference import model_config_pb2 as mc
-from kapi.core.errors import MissingExtra
+from kapi.core.errors import InvalidArgument, MissingExtra
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
 try:
@@ -33,22 +34,56 @@ _DATATYPES = {
 
 
 class OpenVinoRuntime(Runtime):
+    """Reads Triton's openvino backend parameters (INFERENCE_NUM_THREADS, NUM_STREAMS,
+    PERFORMANCE_HINT, COMPILATION_NUM_THREADS, HINT_BF16) and kapi's own `device` (CPU,
+    GPU, NPU, ...; default from the instance kind).
+
+    An IR is computed at its own precision: OpenVINO's CPU plugin would otherwise compute
+    FP32 models in BF16 on CPUs with AMX or AVX-512 BF16, and its GPU plugin in FP16, so a
+    variant would not give the answers it was verified with. HINT_BF16 YES asks for BF16."""
+
     default_filename = "model.xml"
+    parameters = frozenset(
+        {"INFERENCE_NUM_THREADS", "COMPILATION_NUM_THREADS", "NUM_STREAMS", "PERFORMANCE_HINT"}
+        | {"HINT_BF16", "device"}
+    )
 
     def _load(self) -> None:
         core = ov.Core()
-        properties: dict[str, Any] = {"NUM_STREAMS": str(self.instances)}
-        threads = self.files.parameters.get("inference_num_threads")
-        if threads:
-            properties["INFERENCE_NUM_THREADS"] = int(threads)
+        device = self._device()
         self._compiled = core.compile_model(
-            core.read_model(str(self.files.path)), self._device(), properties
+            core.read_model(str(self.files.path)), device, self._properties(device)
         )
         self._outputs = {port.any_name: port for port in self._compiled.outputs}
         # One infer request per instance: a request is not safe to share between threads.
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for _ in range(self.instances):
             self._requests.put(self._compiled.create_infer_request())
+
+    def _properties(self, device: str) -> dict[str, Any]:
+        params = self.files.parameters
+        properties: dict[str, Any] = {"NUM_STREAMS": str(self.instances)}
+        for name in ("INFERENCE_NUM_THREADS", "COMPILATION_NUM_THREADS"):
+            if name in params:
+                properties[name] = _choice(name, params[name], r"\d+", "a non-negative number")
+        if "NUM_STREAMS" in params:
+            value = _choice(
+                "NUM_STREAMS", params["NUM_STREAMS"], r"AUTO|NUMA|\d+", "AUTO/NUMA/<int>"
+            )
+            properties["NUM_STREAMS"] = value
+        if "PERFORMANCE_HINT" in params:
+            properties["PERFORMANCE_HINT"] = _choice(
+                "PERFORMANCE_HINT",
+                params["PERFORMANCE_HINT"],
+                "LATENCY|THROUGHPUT|CUMULATIVE_THROUGHPUT",
+                "LATENCY/THROUGHPUT/CUMULATIVE_THROUGHPUT",
+            )
+        bf16 = "HINT_BF16" in params and _choice("HINT_BF16", params["HINT_BF16"], "YES", "YES")
+        if bf16:
+            properties["INFERENCE_PRECISION_HINT"] = "bf16"
+        elif device.split(".")[0] in ("CPU", "GPU"):
+            properties["INFERENCE_PRECISION_HINT"] = "f32"
+        return properties
 
     def _device(self) -> str:
         if "device" in self.files.parameters:
@@ -73,6 +108,13 @@ class OpenVinoRuntime(Runtime):
 
     def _unload(self) -> None:
         del self._requests, self._compiled
+
+
+def _choice(name: str, value: str, pattern: str, expected: str) -> str:
+    """A parameter's value, upper-cased, when it matches; Triton's words when it does not."""
+    if not re.fullmatch(pattern, value.strip().upper()):
+        raise InvalidArgument(f"expected the parameter '{name}' to be {expected}, got {value}")
+    return value.strip().upper()
 
 
 def _spec(port: Any) -> TensorSpec:

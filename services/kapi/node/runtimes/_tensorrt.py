@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import MissingExtra, Unavailable
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
@@ -35,6 +36,10 @@ _DATATYPES = {
 
 class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
     default_filename = "model.plan"
+
+    @classmethod
+    def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
+        return mc.ModelInstanceGroup.KIND_GPU
 
     def _load(self) -> None:
         if not torch.cuda.is_available():

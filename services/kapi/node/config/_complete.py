@@ -1,0 +1,133 @@
+"""Completing a config from the model, and filling Triton's defaults into it, so that the
+config a client reads back (ModelConfig) is the one Triton would report for the same model.
+
+Triton's order, followed here: the instance groups are settled before the model loads
+(their count is how many instances load); once the model is loaded its inputs and outputs
+complete the rest, as Triton's auto-complete does, and the defaults are filled in last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument
+from kapi.core.tensors import DATATYPES
+from kapi.node.config._datatypes import config_datatype, oip_datatype
+from kapi.node.runtimes import TensorSpec
+
+Group = mc.ModelInstanceGroup
+
+
+def complete_instance_groups(
+    config: mc.ModelConfig, default_kind: Group.Kind.ValueType, cpu_count: int
+) -> None:
+    """Triton's NormalizeInstanceGroup: no group is one named after the model; a group
+    without a name is `<model>_<index>`; KIND_AUTO is the runtime's device; a count of 0 is
+    `cpu_count` on the CPU (2 for ONNX Runtime in Triton) and 1 elsewhere."""
+    if not config.instance_group:
+        config.instance_group.add(name=config.name, kind=default_kind)
+    for index, group in enumerate(config.instance_group):
+        group.name = group.name or f"{config.name}_{index}"
+        if group.kind == Group.KIND_AUTO:
+            group.kind = default_kind
+        if group.count < 1:
+            group.count = cpu_count if group.kind == Group.KIND_CPU else 1
+
+
+def check_tensor_types(model: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Every input and output of the model must be a tensor of an OIP datatype."""
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            if spec.datatype not in DATATYPES:
+                raise InvalidArgument(
+                    f"model '{model}': {kind} '{spec.name}' is of type {spec.datatype}, which "
+                    f"kapi cannot serve; it serves tensors of {', '.join(sorted(DATATYPES))}"
+                )
+
+
+def complete_config(
+    config: mc.ModelConfig,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    default_max_batch_size: int,
+    merges: bool | None = None,
+) -> None:
+    """Fill what the config leaves out from the model's own metadata, as Triton does.
+    `merges` False (the load-time probe saw outputs without the batch first) keeps an
+    auto-completed config from batching."""
+    batchable = merges is not False and all(spec.shape[:1] == (-1,) for spec in [*inputs, *outputs])
+    if autocompletes_batching(config) and batchable and default_max_batch_size > 0:
+        config.max_batch_size = default_max_batch_size
+        if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
+            config.dynamic_batching.SetInParent()
+    skip = 1 if config.max_batch_size > 0 else 0
+    _complete_tensors(config.name, config.input, inputs, skip, "input")
+    _complete_tensors(config.name, config.output, outputs, skip, "output")
+    _fill_defaults(config)
+
+
+def autocompletes_batching(config: mc.ModelConfig) -> bool:
+    """Whether completion may give the model a max_batch_size: as in Triton's ONNX Runtime
+    backend, not when the config declares both inputs and outputs, or a max_batch_size."""
+    return not (config.input and config.output) and not config.max_batch_size
+
+
+def _fill_defaults(config: mc.ModelConfig) -> None:
+    """Triton's NormalizeModelConfig: the latest version, and a batcher that prefers full
+    batches, unless the config says otherwise."""
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    batching = config.dynamic_batching
+    unset = config.HasField("dynamic_batching") and not batching.preferred_batch_size
+    if unset and config.max_batch_size > 0:
+        batching.preferred_batch_size.append(config.max_batch_size)
+
+
+def _complete_tensors(
+    model: str, declared: Sequence[mc.ModelInput | mc.ModelOutput], specs: list[TensorSpec],
+    skip: int, kind: str,
+) -> None:  # fmt: skip
+    by_name = {spec.name: spec for spec in specs}
+    present = {tensor.name for tensor in declared}
+    unknown = present - by_name.keys()
+    if unknown:
+        raise InvalidArgument(
+            f"model '{model}': config {kind}s {sorted(unknown)} are not in the model, "
+            f"which has {sorted(by_name)}"
+        )
+    for tensor in declared:
+        _check_declared(model, kind, tensor, by_name[tensor.name], skip)
+    for spec in specs:
+        if spec.name in present:
+            continue
+        if skip and spec.shape[:1] != (-1,):
+            raise InvalidArgument(
+                f"model '{model}': max_batch_size > 0 but {kind} '{spec.name}' has a fixed "
+                f"first dimension {spec.shape[0] if spec.shape else 'none'}"
+            )
+        declared.add(  # type: ignore[attr-defined]
+            name=spec.name, data_type=config_datatype(spec.datatype), dims=spec.shape[skip:]
+        )
+
+
+def _check_declared(
+    model: str, kind: str, tensor: mc.ModelInput | mc.ModelOutput, spec: TensorSpec, skip: int
+) -> None:
+    """A declared tensor must agree with the model: a config that claims a size the model
+    cannot take would only fail later, on a request, as an INTERNAL runtime error."""
+    dims = list(tensor.dims)
+    model_dims = list(spec.shape[skip:])
+    if len(dims) != len(model_dims) or any(
+        m != -1 and d != m for d, m in zip(dims, model_dims, strict=True)
+    ):
+        raise InvalidArgument(
+            f"model '{model}': config {kind} '{spec.name}' has dims {dims}, but the model "
+            f"takes {model_dims} (after the batch dimension, -1: any size)"
+        )
+    declared_type = oip_datatype(tensor.data_type)
+    if tensor.data_type and declared_type != spec.datatype:
+        raise InvalidArgument(
+            f"model '{model}': config {kind} '{spec.name}' is {declared_type}, "
+            f"but the model's is {spec.datatype}"
+        )

@@ -1,0 +1,133 @@
+"""What kapi does with each ModelConfig field a config.pbtxt sets, field by field.
+
+Three answers, as Triton compatibility is exact or explicit:
+- acted on: kapi does what Triton does with it;
+- ignored, with a warning at load naming the field: hints and policies whose absence changes
+  how a model runs, never what it answers (optimization, warmup, priorities, queue timeouts);
+- refused: the model fails to load with a clear error, because serving it without the field
+  would give other answers than Triton (reshape, ragged batching, sequences, ensembles).
+A field this table does not name is refused, so a field nobody classified never passes unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Literal, Union
+
+from google.protobuf.message import Message
+
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument
+
+log = logging.getLogger("kapi.node.config")
+
+Treatment = Literal["act", "ignore", "refuse"]
+Rules = Mapping[str, Union[Treatment, "Rules"]]  # a nested table: act, and look inside
+
+_QUEUE_POLICY: Rules = {
+    "max_queue_size": "act",
+    "timeout_action": "ignore",
+    "default_timeout_microseconds": "ignore",
+    "allow_timeout_override": "ignore",
+}
+_RULES: Rules = {
+    **dict.fromkeys(
+        ("name", "platform", "backend", "version_policy", "max_batch_size", "parameters"), "act"
+    ),
+    "default_model_filename": "act",
+    "model_transaction_policy": "act",  # decoupled: true is refused below, with its reason
+    "input": {
+        **dict.fromkeys(("name", "data_type", "dims", "optional"), "act"),
+        "format": "ignore",  # Triton passes it to backends as a hint; ONNX models fix layout
+        **dict.fromkeys(
+            ("reshape", "is_shape_tensor", "allow_ragged_batch", "is_non_linear_format_io"),
+            "refuse",
+        ),
+    },
+    "output": {
+        **dict.fromkeys(("name", "data_type", "dims"), "act"),
+        "label_filename": "ignore",  # read only for classification, which requests refuse
+        **dict.fromkeys(("reshape", "is_shape_tensor", "is_non_linear_format_io"), "refuse"),
+    },
+    "dynamic_batching": {
+        "preferred_batch_size": "act",
+        "max_queue_delay_microseconds": "act",
+        "default_queue_policy": _QUEUE_POLICY,
+        **dict.fromkeys(
+            (
+                "preserve_ordering",
+                "priority_levels",
+                "default_priority_level",
+                "priority_queue_policy",
+            ),
+            "ignore",
+        ),
+    },
+    "instance_group": {
+        **dict.fromkeys(("name", "kind", "count"), "act"),
+        **dict.fromkeys(
+            ("gpus", "secondary_devices", "profile", "passive", "host_policy", "rate_limiter"),
+            "ignore",
+        ),
+    },
+    **dict.fromkeys(
+        (
+            "runtime",
+            "metric_tags",
+            "model_metrics",
+            "optimization",
+            "model_warmup",
+            "response_cache",
+        ),
+        "ignore",
+    ),
+    # Everything else changes which file loads or what the model computes: refused.
+}
+
+
+def check_config(config: mc.ModelConfig) -> None:
+    """Refuse a config kapi cannot serve as Triton would; warn about the fields it ignores."""
+    _check_scheduling(config)
+    found: dict[Treatment, list[str]] = {"act": [], "ignore": [], "refuse": []}
+    _classify(config, _RULES, "", found)
+    if found["refuse"]:
+        raise InvalidArgument(
+            f"model '{config.name}': config fields {', '.join(found['refuse'])} are not "
+            "supported by kapi yet; serving the model without them would not give Triton's "
+            "answers"
+        )
+    if found["ignore"]:
+        log.warning(
+            "model %r: kapi ignores config fields %s", config.name, ", ".join(found["ignore"])
+        )
+
+
+def _classify(message: Message, rules: Rules, path: str, found: dict[Treatment, list[str]]) -> None:
+    for field, value in message.ListFields():
+        rule = rules.get(field.name, "refuse")
+        where = f"{path}{field.name}"
+        if isinstance(rule, str):
+            found[rule].append(where)
+            continue
+        items = list(value) if field.is_repeated else [value]
+        for index, item in enumerate(items):
+            label = f"{where}[{getattr(item, 'name', '') or index}]" if field.is_repeated else where
+            _classify(item, rule, f"{label}.", found)
+
+
+def _check_scheduling(config: mc.ModelConfig) -> None:
+    scheduling = config.WhichOneof("scheduling_choice")
+    if scheduling in ("sequence_batching", "ensemble_scheduling") or config.platform == "ensemble":
+        raise InvalidArgument(
+            f"model '{config.name}': {scheduling or 'ensemble'} is not supported by kapi; "
+            "serve stateless models with dynamic_batching or no scheduler"
+        )
+    if config.model_transaction_policy.decoupled:
+        raise InvalidArgument(f"model '{config.name}': decoupled models are not supported by kapi")
+    for group in config.instance_group:
+        if group.count < 0:
+            raise InvalidArgument(
+                f"model '{config.name}': instance_group count is {group.count}; it must be 1 "
+                "or more (0 or none: Triton's default)"
+            )

@@ -1,0 +1,131 @@
+"""Loading one model version: pick its runtime, load it, complete its config from the model,
+and find out whether the model's outputs carry the batch dimension."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InternalError, InvalidArgument, KapiError
+from kapi.core.tensors import NUMPY_DTYPES
+from kapi.node.config import (
+    autocompletes_batching,
+    check_tensor_types,
+    choose_runtime,
+    complete_config,
+    complete_instance_groups,
+)
+from kapi.node.model import ModelVersion
+from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, TensorSpec, runtime_class
+from kapi.node.stats import ModelStats, NodeMetrics
+
+log = logging.getLogger(__name__)
+# The batch the load-time probe runs: 2, as a batch of 1 cannot tell the batch dimension
+# from a dimension that happens to be 1.
+PROBE_BATCH = 2
+
+
+async def load_version(
+    model_dir: Path,
+    version: int,
+    config: mc.ModelConfig,
+    metrics: NodeMetrics,
+    default_max_batch_size: int,
+) -> ModelVersion:
+    """Bring one version up completely; on any failure nothing of it stays loaded."""
+    config = _copy(config)
+    version_dir = model_dir / str(version)
+    runtime_name = choose_runtime(config, version_dir)
+    runtime_cls = runtime_class(runtime_name)
+    config.default_model_filename = config.default_model_filename or runtime_cls.default_filename
+    complete_instance_groups(config, runtime_cls.default_kind(), runtime_cls.cpu_instance_count)
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    unused = sorted(parameters.keys() - runtime_cls.parameters)
+    if unused:
+        log.warning(
+            "model %r: kapi's %s runtime does not use parameters %s (it reads %s)",
+            config.name, runtime_name, ", ".join(unused), ", ".join(sorted(runtime_cls.parameters)),
+        )  # fmt: skip
+    files = ModelFiles(model_dir, version_dir, config.default_model_filename, config, parameters)
+    if not files.path.is_file():
+        raise InvalidArgument(f"model '{config.name}' version {version}: {files.path} missing")
+    runtime = runtime_cls(files, sum(group.count for group in config.instance_group))
+    await _load_runtime(runtime, config.name, version, runtime_name)
+    try:
+        inputs, outputs = runtime.metadata()
+        check_tensor_types(config.name, inputs, outputs)
+        merges = await _merges(runtime, config, inputs, outputs, default_max_batch_size)
+        complete_config(config, inputs, outputs, default_max_batch_size, merges)
+        config.backend = config.backend or runtime_name
+        config.platform = config.platform or PLATFORM_OF[runtime_name]
+        stats = ModelStats(metrics, config.name, str(version))
+    except BaseException:
+        await runtime.unload()
+        raise
+    return ModelVersion(config, version, runtime_name, runtime, stats, merges is not False)
+
+
+async def _load_runtime(runtime: Runtime, model: str, version: int, runtime_name: str) -> None:
+    try:
+        await runtime.load()
+    except KapiError:
+        raise
+    except Exception as exc:
+        raise InternalError(
+            f"model '{model}' version {version}: {runtime_name} failed to load "
+            f"{runtime.files.path.name}: {exc}"
+        ) from exc
+
+
+async def _merges(
+    runtime: Runtime,
+    config: mc.ModelConfig,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    default_max_batch_size: int,
+) -> bool | None:
+    """Whether requests to this model may be merged into one execution: True or False from
+    a probe of PROBE_BATCH rows, None when no probe could tell (the scheduler then checks
+    every batched execution). Only models that might batch are probed."""
+    autocomplete = autocompletes_batching(config)
+    max_batch = default_max_batch_size if autocomplete else config.max_batch_size
+    if max_batch < PROBE_BATCH or not all(spec.shape[:1] == (-1,) for spec in inputs):
+        return None
+    if not autocomplete and not config.HasField("dynamic_batching"):
+        return None
+    merges = await asyncio.to_thread(_probe, runtime, inputs, outputs)
+    if merges is False:
+        log.warning(
+            "model %r: its outputs do not keep the batch dimension first (a batch of %d rows "
+            "gave other first dimensions), so its requests run one at a time",
+            config.name,
+            PROBE_BATCH,
+        )
+    return merges
+
+
+def _probe(runtime: Runtime, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool | None:
+    try:
+        feed = {spec.name: runtime.prepare_input(spec.name, _neutral(spec)) for spec in inputs}
+        results = runtime.infer(feed, [spec.name for spec in outputs])
+        return all(np.shape(array)[:1] == (PROBE_BATCH,) for array in results.values())
+    except Exception as exc:  # a model that cannot take neutral inputs; the scheduler checks
+        log.debug("batch probe failed: %s", exc)
+        return None
+
+
+def _neutral(spec: TensorSpec) -> npt.NDArray[np.generic]:
+    shape = (PROBE_BATCH, *(dim if dim >= 0 else 1 for dim in spec.shape[1:]))
+    dtype = NUMPY_DTYPES[spec.datatype]
+    return np.full(shape, b"", dtype) if dtype.kind == "O" else np.zeros(shape, dtype)
+
+
+def _copy(config: mc.ModelConfig) -> mc.ModelConfig:
+    copied = mc.ModelConfig()
+    copied.CopyFrom(config)
+    return copied

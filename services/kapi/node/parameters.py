@@ -1,0 +1,108 @@
+"""Request, input and output parameters: what kapi honours and what it refuses.
+
+Triton gives some parameter names a meaning (priority, timeout, sequences, classification,
+shared memory). kapi answers each one it does not implement with UNIMPLEMENTED, naming it,
+rather than accepting it and giving a different answer than Triton would. A parameter at
+its default value asks for nothing, so it is honoured. Any other name is INVALID_ARGUMENT:
+kapi's runtimes take no custom parameters, and a typo must not pass unseen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from kapi.core.errors import InvalidArgument, Unimplemented
+from kapi.core.inference import EncodedTensor, InferenceRequest, Parameter, RequestedOutput
+
+# name -> (the type Triton requires, its default, what it asks for)
+_REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
+    "priority": (int, 0, "request priorities (dynamic_batching.priority_levels)"),
+    "timeout": (int, 0, "request timeouts (dynamic_batching queue policies)"),
+    "sequence_id": ((int, str), 0, "sequence batching"),
+    "sequence_start": (bool, False, "sequence batching"),
+    "sequence_end": (bool, False, "sequence batching"),
+    "triton_enable_empty_final_response": (bool, False, "decoupled models"),
+}
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_OUTPUT = {
+    "classification": "classification outputs (class_count)",
+    **{name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY},
+}
+_INPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
+
+
+def check_request_parameters(request: InferenceRequest) -> None:
+    for name, value in request.parameters.items():
+        rule = _REQUEST.get(name)
+        if rule is None:
+            raise _unknown(f"model '{request.model_name}': request parameter '{name}'")
+        kind, default, feature = rule
+        # bool is an int in Python; a flag is not a number, nor a number a flag.
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise InvalidArgument(
+                f"request parameter '{name}' is {type(value).__name__} {value!r}; "
+                f"Triton takes it as {_type_name(kind)}"
+            )
+        if value not in (default, ""):
+            raise Unimplemented(
+                f"request parameter '{name}' ({value!r}) asks for {feature}, which kapi does "
+                "not support yet"
+            )
+
+
+def check_input_parameters(model: str, tensor: EncodedTensor) -> None:
+    _check_tensor(f"model '{model}': input '{tensor.name}'", tensor.parameters, _INPUT)
+
+
+def check_output_parameters(model: str, output: RequestedOutput) -> None:
+    _check_tensor(f"model '{model}': requested output '{output.name}'", output.parameters, _OUTPUT)
+
+
+def _check_tensor(where: str, parameters: Mapping[str, Parameter], known: dict[str, str]) -> None:
+    for name in parameters:
+        if name in known:
+            raise Unimplemented(
+                f"{where}: parameter '{name}' asks for {known[name]}, which kapi does not "
+                "support yet"
+            )
+        raise _unknown(f"{where}: parameter '{name}'")
+
+
+def check_load_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> None:
+    """RepositoryModelLoad loads from the model repository as it is on disk; Triton's
+    overrides (`config`, `file:<version>/<name>`) are refused until kapi implements them."""
+    files = [name for name in parameters if name.startswith("file:")]
+    if files and "config" not in parameters:  # Triton's words
+        raise InvalidArgument("Load parameter 'config' must be specified for model file override")
+    for name in parameters:
+        if name != "config" and not name.startswith("file:"):
+            raise InvalidArgument(f"unrecognized load parameter '{name}'")
+    if "config" in parameters:
+        override = "a config and files" if files else "a config"
+        raise Unimplemented(
+            f"model '{model}': load parameters that override {override} are not supported by "
+            "kapi yet; change the model repository and load again"
+        )
+
+
+def check_unload_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> None:
+    """`unload_dependents` is honoured as it stands: kapi serves no ensembles, so a model
+    has no dependents to unload."""
+    for name, value in parameters.items():
+        if name != "unload_dependents":
+            raise InvalidArgument(f"unrecognized unload parameter '{name}'")
+        if not isinstance(value, bool):
+            raise InvalidArgument(
+                f"invalid value type for unload parameter 'unload_dependents' of model "
+                f"'{model}', expected bool_param"
+            )
+
+
+def _unknown(what: str) -> InvalidArgument:
+    return InvalidArgument(f"{what} is not one kapi knows; kapi's models take no custom parameters")
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {bool: "a bool", int: "an int64", str: "a string"}
+    return " or ".join(names[k] for k in kinds)

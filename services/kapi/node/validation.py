@@ -1,0 +1,147 @@
+"""Checks a request against its model's config before any of its contents are decoded, and
+a response against the message limit. Validation has this one home: a request that passes
+it decodes to exactly the tensors the model takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument, ResourceExhausted
+from kapi.core.inference import EncodedTensor, InferenceRequest, RequestedOutput
+from kapi.core.tensors import check_raw_size, raw_size
+from kapi.node.config import oip_datatype
+from kapi.node.parameters import (
+    check_input_parameters,
+    check_output_parameters,
+    check_request_parameters,
+)
+from kapi.node.runtimes import Arrays
+from kapi.node.scheduler import Signature
+
+# Room kept for the rest of a response message (names, shapes, parameters) around the
+# outputs' raw bytes, so a response that passes the size check also fits the gRPC limit
+# (at most half the limit, for a node configured with a tiny one).
+RESPONSE_ENVELOPE_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """A request the model can run: its inputs (still encoded) and what to run them as."""
+
+    inputs: list[EncodedTensor]
+    outputs: list[str]
+    batch_size: int  # 0 for a model that does not batch
+    signature: Signature  # requests merge only when their non-batch shapes agree
+
+
+class RequestValidator:
+    """One model version's rules for requests, from its completed config."""
+
+    def __init__(self, config: mc.ModelConfig) -> None:
+        self.model = config.name
+        self.max_batch_size = config.max_batch_size
+        self._inputs = {tensor.name: tensor for tensor in config.input}
+        self._outputs = [tensor.name for tensor in config.output]
+
+    def check(self, request: InferenceRequest) -> CheckedRequest:
+        check_request_parameters(request)
+        given = {tensor.name: tensor for tensor in request.inputs}
+        if len(given) != len(request.inputs):
+            raise InvalidArgument(f"model '{self.model}': an input is given more than once")
+        for name in given.keys() - self._inputs.keys():
+            raise InvalidArgument(
+                f"model '{self.model}' has no input '{name}', expected {sorted(self._inputs)}"
+            )
+        batch_sizes = set()
+        for name, spec in self._inputs.items():
+            tensor = given.get(name)
+            if tensor is None:
+                if spec.optional:
+                    continue
+                raise InvalidArgument(f"model '{self.model}': missing input '{name}'")
+            batch_sizes.add(self._check_input(spec, tensor))
+        if len(batch_sizes) > 1:
+            raise InvalidArgument(
+                f"model '{self.model}': inputs disagree on batch size {sorted(batch_sizes)}"
+            )
+        signature = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+        return CheckedRequest(
+            inputs=list(given.values()),
+            outputs=self._check_outputs(request.outputs),
+            batch_size=batch_sizes.pop() if self.max_batch_size > 0 and batch_sizes else 0,
+            signature=signature,
+        )
+
+    def check_response_size(self, outputs: Arrays, names: list[str], limit: int) -> None:
+        """Outputs too large for a response of `limit` bytes fail the request with
+        RESOURCE_EXHAUSTED: the response could not be sent."""
+        size = sum(raw_size(outputs[name]) for name in names)
+        if size > limit - min(RESPONSE_ENVELOPE_BYTES, limit // 2):
+            raise ResourceExhausted(
+                f"model '{self.model}': the response's outputs take {size} bytes; with the "
+                f"message around them that is over the node's message limit of {limit} bytes "
+                f"(KAPI_NODE_MAX_MESSAGE_BYTES); request fewer rows or fewer outputs"
+            )
+
+    def _check_outputs(self, requested: list[RequestedOutput]) -> list[str]:
+        if not requested:
+            return list(self._outputs)
+        names = [output.name for output in requested]
+        for output in requested:
+            if output.name not in self._outputs:
+                raise InvalidArgument(
+                    f"model '{self.model}' has no output '{output.name}', expected {self._outputs}"
+                )
+            if names.count(output.name) > 1:
+                raise InvalidArgument(
+                    f"model '{self.model}': output '{output.name}' is requested more than "
+                    "once; request each output once"
+                )
+            check_output_parameters(self.model, output)
+        return names
+
+    def _check_input(self, spec: mc.ModelInput, tensor: EncodedTensor) -> int:
+        expected_type = oip_datatype(spec.data_type)
+        if tensor.datatype != expected_type:
+            raise InvalidArgument(
+                f"model '{self.model}': input '{tensor.name}' has datatype {tensor.datatype}, "
+                f"expected {expected_type}"
+            )
+        self._check_shape(spec, tensor)
+        check_input_parameters(self.model, tensor)
+        _check_contents(tensor)
+        return tensor.shape[0] if self.max_batch_size > 0 else 0
+
+    def _check_shape(self, spec: mc.ModelInput, tensor: EncodedTensor) -> None:
+        dims = list(spec.dims)
+        shape = list(tensor.shape)
+        batching = self.max_batch_size > 0
+        if batching:
+            if not shape or not 1 <= shape[0] <= self.max_batch_size:
+                raise InvalidArgument(
+                    f"model '{self.model}': input '{tensor.name}' has shape {shape}; its first "
+                    f"dimension is the batch, 1 to {self.max_batch_size}"
+                )
+            shape = shape[1:]
+        if len(shape) != len(dims) or any(
+            d not in (-1, s) for d, s in zip(dims, shape, strict=True)
+        ):
+            expected = ["batch", *dims] if batching else dims
+            raise InvalidArgument(
+                f"model '{self.model}': input '{tensor.name}' has shape {list(tensor.shape)}, "
+                f"expected {expected} (-1: any size)"
+            )
+
+
+def _check_contents(tensor: EncodedTensor) -> None:
+    """The contents hold the shape's element count; BYTES raw contents are counted as they
+    decode, which stops at that count."""
+    if tensor.raw is None:
+        if len(tensor.values) != tensor.element_count:
+            raise InvalidArgument(
+                f"input '{tensor.name}': {len(tensor.values)} elements in contents, expected "
+                f"{tensor.element_count} for shape {list(tensor.shape)}"
+            )
+    elif tensor.datatype != "BYTES":
+        check_raw_size(tensor.name, tensor.datatype, tensor.shape, len(tensor.raw))
