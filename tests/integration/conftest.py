@@ -36,7 +36,9 @@ def client(main_node: RunningNode) -> Iterator[grpcclient.InferenceServerClient]
 
 @pytest.fixture(scope="session")
 def channel(main_node: RunningNode) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(main_node.grpc_url) as opened:
+    # Like tritonclient's: responses may be as large as the node's limit, not gRPC's 4 MiB.
+    options = [("grpc.max_receive_message_length", 2**31 - 1)]
+    with grpc.insecure_channel(main_node.grpc_url, options=options) as opened:
         yield opened
 
 

@@ -97,3 +97,37 @@ async def test_a_bad_request_fails_alone_not_the_batch_it_would_join(
     (stats,) = client.get_inference_statistics("batching_bytes").model_stats
     assert stats.inference_stats.success.count == len(good)
     assert stats.execution_count < len(good)
+
+
+async def transpose(aio: aioclient.InferenceServerClient, model: str, value: float) -> Any:
+    data = value + np.arange(3, dtype=np.float32).reshape(1, 3)
+    infer_input = grpcclient.InferInput("INPUT0", [1, 3], "FP32")
+    infer_input.set_data_from_numpy(data)
+    result = await aio.infer(model, [infer_input])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data.T, strict=True)
+
+
+async def test_a_model_whose_outputs_lose_the_batch_is_not_batched(
+    main_node: RunningNode, client: grpcclient.InferenceServerClient
+) -> None:
+    """Transpose looks batchable (every dimension dynamic): a probe at load sees its output
+    lose the batch, so auto-complete leaves it unbatched and concurrent requests, which
+    alone succeed, never fail by being merged."""
+    async with aioclient.InferenceServerClient(main_node.grpc_url) as aio:
+        await asyncio.gather(*(transpose(aio, "transpose", float(i)) for i in range(16)))
+
+    config = client.get_model_config("transpose").config
+    assert config.max_batch_size == 0
+    assert not config.HasField("dynamic_batching")
+
+
+async def test_a_config_that_batches_such_a_model_runs_its_requests_one_at_a_time(
+    main_node: RunningNode, client: grpcclient.InferenceServerClient
+) -> None:
+    async with aioclient.InferenceServerClient(main_node.grpc_url) as aio:
+        await asyncio.gather(*(transpose(aio, "transpose_batched", float(i)) for i in range(16)))
+
+    (stats,) = client.get_inference_statistics("transpose_batched").model_stats
+    assert stats.inference_stats.success.count == 16
+    assert stats.execution_count == 16
+    assert "'transpose_batched': its outputs do not keep the batch dimension" in main_node.log()

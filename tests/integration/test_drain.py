@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -124,3 +125,52 @@ def test_sigterm_answers_an_open_stream_then_ends_it(
     assert "draining" in stream_end.message()
     assert exit_code == 0
     assert "node stopped" in node.log()
+
+
+BATCHING_CONFIG = """
+max_batch_size: 8
+dynamic_batching { max_queue_delay_microseconds: 20000 }
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+CLIENTS = 16
+
+
+def test_sigterm_under_load_cancels_nothing(tmp_path: Path, start_kapi_node: NodeFactory) -> None:
+    """16 clients keep a batching model busy; SIGTERM arrives mid-stream. Each request
+    either completes with its own answer or is refused UNAVAILABLE (what clients and
+    gRPC retry policies retry elsewhere); none ends CANCELLED."""
+    models.save_model(tmp_path, "busy", models.add_constant_model(1.0), config=BATCHING_CONFIG)
+    node = start_kapi_node(tmp_path)
+    answered: queue.Queue[bool] = queue.Queue()
+    endings: queue.Queue[str] = queue.Queue()
+
+    def keep_sending(index: int) -> None:
+        with grpcclient.InferenceServerClient(node.grpc_url) as client:
+            value = float(index)
+            while True:
+                try:
+                    result = client.infer("busy", add_input(value), client_timeout=30)
+                except InferenceServerException as exc:
+                    endings.put(str(exc.status()))
+                    return
+                output = result.as_numpy("OUTPUT0")
+                answered.put(output is not None and bool((output == value + 1).all()))
+
+    threads = [threading.Thread(target=keep_sending, args=(i,)) for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while answered.qsize() < 5 * CLIENTS and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the model is under load, with requests always in flight
+    node.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    exit_code = node.process.wait(timeout=30)
+
+    statuses = [endings.get_nowait() for _ in range(endings.qsize())]
+    answers = [answered.get_nowait() for _ in range(answered.qsize())]
+    assert len(statuses) == CLIENTS
+    assert set(statuses) == {"StatusCode.UNAVAILABLE"}, statuses
+    assert all(answers)
+    assert len(answers) >= 5 * CLIENTS
+    assert exit_code == 0

@@ -12,12 +12,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.support import models
-from tests.support.clients import expect_error
+from tests.support.clients import expect_error, expect_rpc_error
+from tests.support.metrics import sample
 from tests.support.node import RunningNode, running_node
 
 # A lone request waits up to 2 s in the batcher: in flight long enough to unload under it.
@@ -34,6 +38,7 @@ def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.save_model(repository, "swapped", models.add_constant_model(1.0))
     models.save_model(repository, "versioned", models.add_constant_model(1.0))
     models.save_model(repository, "on_demand", models.identity_model("FP32"))
+    models.save_model(repository, "metered", models.add_constant_model(1.0))
     models.save_model(repository, "never_loaded", models.identity_model("FP32"))
     models.save_model(repository, "broken", b"\x08\x07 not a model")
     models.save_model(repository, "kept", models.add_constant_model(1.0))
@@ -227,3 +232,76 @@ def test_default_mode_refuses_load_and_unload(client: grpcclient.InferenceServer
             functools.partial(call, "simple"), "StatusCode.FAILED_PRECONDITION", "explicit"
         )
     assert client.is_model_ready("simple")
+
+
+def test_load_overrides_are_refused_until_kapi_implements_them(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    """A load that asks for another config or files than the repository holds would load
+    what is on disk instead: refused, naming what was asked for."""
+    override = '{"max_batch_size": 2}'
+    expect_error(
+        lambda: explicit_client.load_model("on_demand", config=override),
+        "StatusCode.UNIMPLEMENTED",
+        "override a config",
+    )
+    expect_error(
+        lambda: explicit_client.load_model(
+            "on_demand", config=override, files={"file:1/model.onnx": b"\x08\x07"}
+        ),
+        "StatusCode.UNIMPLEMENTED",
+        "override a config and files",
+    )
+    expect_error(  # Triton's words
+        lambda: explicit_client.load_model("on_demand", files={"file:1/model.onnx": b"\x08"}),
+        "StatusCode.INVALID_ARGUMENT",
+        "Load parameter 'config' must be specified for model file override",
+    )
+
+
+def test_unknown_load_and_unload_parameters_are_invalid(explicit_node: RunningNode) -> None:
+    with grpc.insecure_channel(explicit_node.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        load = service_pb2.RepositoryModelLoadRequest(model_name="on_demand")
+        load.parameters["poll"].bool_param = True
+        unload = service_pb2.RepositoryModelUnloadRequest(model_name="preloaded")
+        unload.parameters["force"].bool_param = True
+        expect_rpc_error(
+            lambda: stub.RepositoryModelLoad(load),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unrecognized load parameter 'poll'",
+        )
+        expect_rpc_error(
+            lambda: stub.RepositoryModelUnload(unload),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unrecognized unload parameter 'force'",
+        )
+
+
+def test_unloaded_versions_leave_no_prometheus_series(
+    explicit_node: RunningNode, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    """Reloads keep one set of series per loaded version; an unload removes its set."""
+    labels = {"model": "metered", "version": "1"}
+    requests = "kapi_node_inference_requests_total"
+    for _ in range(5):
+        explicit_client.load_model("metered")
+        added(explicit_client, "metered")
+    series_while_loaded = series_of(explicit_node.metrics(), "metered")
+    counted = sample(explicit_node.metrics(), requests, outcome="success", **labels)
+
+    explicit_client.unload_model("metered")
+
+    assert series_of(explicit_node.metrics(), "metered") == 0
+    assert counted == 5  # the reloads shared the version's series, and counted on
+    explicit_client.load_model("metered")
+    assert series_of(explicit_node.metrics(), "metered") == series_while_loaded
+
+
+def series_of(metrics: str, model: str) -> int:
+    return sum(
+        1
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.labels.get("model") == model
+    )

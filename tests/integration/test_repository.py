@@ -45,6 +45,43 @@ def test_config_pbtxt_is_served_as_written(client: grpcclient.InferenceServerCli
     assert config.parameters["intra_op_thread_count"].string_value == "1"
 
 
+def test_an_auto_completed_config_reads_back_as_triton_fills_it(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """No config.pbtxt: what Triton's auto-complete and normalization report for the same
+    ONNX model on a machine without a GPU."""
+    config = client.get_model_config("identity_fp32").config
+
+    assert (config.backend, config.platform) == ("onnxruntime", "onnxruntime_onnx")
+    assert config.default_model_filename == "model.onnx"
+    assert config.max_batch_size == 4
+    assert list(config.dynamic_batching.preferred_batch_size) == [4]
+    assert config.version_policy.WhichOneof("policy_choice") == "latest"
+    assert config.version_policy.latest.num_versions == 1
+    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [
+        ("identity_fp32", mc.ModelInstanceGroup.KIND_CPU, 2)
+    ]
+
+
+def test_an_openvino_config_reads_back_with_its_defaults(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    config = client.get_model_config("cnn_openvino").config
+
+    assert config.backend == "openvino"
+    assert config.default_model_filename == "model.xml"
+    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [
+        ("cnn_openvino", mc.ModelInstanceGroup.KIND_CPU, 1)
+    ]
+
+
+def test_declared_instance_groups_are_named_as_triton_names_them(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    (group,) = client.get_model_config("triton_all").config.instance_group
+    assert (group.name, group.count) == ("triton_all_0", 2)
+
+
 def test_config_of_one_version(client: grpcclient.InferenceServerClient) -> None:
     config = client.get_model_config("triton_all", "2").config
 

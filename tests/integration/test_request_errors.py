@@ -9,6 +9,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.support.clients import expect_error, expect_rpc_error, infer_input, simple_inputs
+from tests.support.node import RunningNode
 
 
 def raw_simple_request(first: bytes, second: bytes) -> service_pb2.ModelInferRequest:
@@ -216,3 +217,156 @@ def test_a_stream_message_that_does_not_decode_ends_the_stream_with_invalid_argu
     assert first.infer_response.model_name == "simple"
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "the stream could not be read" in raised.value.details()
+
+
+def test_a_message_that_does_not_parse_is_invalid_argument(channel: grpc.Channel) -> None:
+    call = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=lambda message: message,
+        response_deserializer=service_pb2.ModelInferResponse.FromString,
+    )
+    expect_rpc_error(
+        lambda: call(b"\xff\xff\xff\xff", timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ModelInferRequest message could not be parsed",
+    )
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [1, 2**40, 2**40, 0]])
+def test_a_shape_no_tensor_can_have_is_invalid_argument(
+    main_node: RunningNode, stub: service_pb2_grpc.GRPCInferenceServiceStub, shape: list[int]
+) -> None:
+    """Its element count is 0, so its contents are empty; numpy still cannot make it."""
+    request = service_pb2.ModelInferRequest(model_name="identity_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(b"")
+
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "'INPUT0'",
+        "too large for any tensor",
+    )
+    assert "Traceback" not in main_node.log()
+
+
+def _with_parameter(name: str, value: object) -> service_pb2.ModelInferRequest:
+    request = raw_simple_request(bytes(64), bytes(64))
+    parameter = request.parameters[name]
+    field = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}
+    setattr(parameter, field[type(value)], value)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "feature"),
+    [
+        ("priority", 3, "priorit"),
+        ("timeout", 1000, "timeout"),
+        ("sequence_id", 7, "sequence batching"),
+        ("sequence_id", "session-1", "sequence batching"),
+        ("sequence_start", True, "sequence batching"),
+        ("sequence_end", True, "sequence batching"),
+        ("triton_enable_empty_final_response", True, "decoupled"),
+    ],
+)
+def test_request_parameters_kapi_does_not_honour_are_unimplemented(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, name: str, value: object, feature: str
+) -> None:
+    """Answered OK and ignored, they would give another answer than the client asked for."""
+    expect_rpc_error(
+        lambda: stub.ModelInfer(_with_parameter(name, value)),
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"'{name}'",
+        feature,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("priority", 0), ("timeout", 0), ("sequence_id", 0), ("sequence_end", False)],
+)
+def test_request_parameters_at_their_defaults_ask_for_nothing(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub, name: str, value: object
+) -> None:
+    response = stub.ModelInfer(_with_parameter(name, value))
+    assert [output.name for output in response.outputs] == ["OUTPUT0", "OUTPUT1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("priority", "high", ("'priority'", "an int64")),
+        ("sequence_start", 1, ("'sequence_start'", "a bool")),
+        ("temperature", 0.5, ("'temperature'", "not one kapi knows")),
+        ("triton_custom", True, ("'triton_custom'", "not one kapi knows")),
+    ],
+)
+def test_request_parameters_of_the_wrong_type_or_unknown_are_invalid(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+    name: str,
+    value: object,
+    words: tuple[str, ...],
+) -> None:
+    expect_rpc_error(
+        lambda: stub.ModelInfer(_with_parameter(name, value)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        *words,
+    )
+
+
+def test_tritonclient_priority_and_timeout_are_refused(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(), priority=2),
+        "StatusCode.UNIMPLEMENTED",
+        "'priority'",
+    )
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(), timeout=100),
+        "StatusCode.UNIMPLEMENTED",
+        "'timeout'",
+    )
+
+
+def test_a_classification_output_is_unimplemented(client: grpcclient.InferenceServerClient) -> None:
+    outputs = [grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]
+    expect_error(
+        lambda: client.infer("simple", simple_inputs(), outputs=outputs),
+        "StatusCode.UNIMPLEMENTED",
+        "'OUTPUT0'",
+        "'classification'",
+    )
+
+
+def test_an_unknown_output_parameter_is_invalid(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = raw_simple_request(bytes(64), bytes(64))
+    request.outputs.add(name="OUTPUT0").parameters["format"].string_param = "png"
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT, "'OUTPUT0'", "'format'"
+    )
+
+
+def test_an_input_in_shared_memory_is_unimplemented(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = raw_simple_request(bytes(64), bytes(64))
+    request.inputs[0].parameters["shared_memory_region"].string_param = "region0"
+    expect_rpc_error(
+        lambda: stub.ModelInfer(request),
+        grpc.StatusCode.UNIMPLEMENTED,
+        "'INPUT0'",
+        "shared memory",
+    )
+
+
+def test_an_output_requested_twice_comes_back_once(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """As Triton answers it: the requested outputs are a set."""
+    outputs = [grpcclient.InferRequestedOutput(name) for name in ("OUTPUT1", "OUTPUT0", "OUTPUT1")]
+    response = client.infer("simple", simple_inputs(), outputs=outputs).get_response()
+    assert [output.name for output in response.outputs] == ["OUTPUT1", "OUTPUT0"]

@@ -197,3 +197,13 @@ def tile_model(repeats: int) -> onnx.ModelProto:
         [np.array([1, repeats], dtype=np.int64)],
         ["repeats"],
     )
+
+
+def transpose_model() -> onnx.ModelProto:
+    """OUTPUT0 = INPUT0 transposed: both dimensions are dynamic, so it looks batchable, but
+    its output's first dimension is the input's second, not the batch."""
+    return graph_model(
+        [helper.make_node("Transpose", ["INPUT0"], ["OUTPUT0"], perm=[1, 0])],
+        [tensor("INPUT0", TensorProto.FLOAT, ["rows", "columns"])],
+        [tensor("OUTPUT0", TensorProto.FLOAT, ["columns", "rows"])],
+    )

@@ -72,6 +72,14 @@ dynamic_batching {{ max_queue_delay_microseconds: {HELD_DELAY_US} }}
 """
 
 
+# A config that asks to batch a model whose outputs do not keep the batch first.
+TRANSPOSE_BATCHED_CONFIG = f"""
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: {BATCHING_DELAY_US} }}
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+
 @dataclass(frozen=True)
 class MainRepository:
     path: Path
@@ -109,6 +117,11 @@ def build_main_repository(root: Path) -> models.TinyCnn:
     )
     models.save_model(root, "held", models.add_constant_model(1.0), config=HELD_CONFIG)
     models.save_model(root, "counted", models.identity_model("FP32"))
+    models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))
+    models.save_model(root, "transpose", models.transpose_model())
+    models.save_model(
+        root, "transpose_batched", models.transpose_model(), config=TRANSPOSE_BATCHED_CONFIG
+    )
     models.save_model(root, "gather", models.gather_model())
     models.save_model(root, "reshape", models.reshape_model())
     cnn = models.export_cnn(root / "cnn_onnx" / "1" / "model.onnx")

@@ -41,6 +41,7 @@ class DataPlane:
         self.draining = asyncio.Event()
         self.serving = False  # set once the models to load at start have loaded or failed
         self._in_flight = 0
+        self._last_arrival = 0.0  # event-loop time of the last inference request
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -52,13 +53,23 @@ class DataPlane:
             return False
         return not self.strict_readiness or self.repository.all_ready()
 
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no inference request is in flight; False if the timeout came first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+    async def wait_quiet(self, quiet_s: float, timeout_s: float) -> bool:
+        """Wait until no inference request is in flight and none has arrived for `quiet_s`
+        (so the clients have heard UNAVAILABLE and gone elsewhere); False if `timeout_s`
+        came first. Stopping the server while requests still arrive would cancel those
+        gRPC had accepted and no handler had run yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except TimeoutError:
+                return False
+            silent = loop.time() - self._last_arrival
+            if silent >= quiet_s:
+                return True
+            await asyncio.sleep(min(quiet_s - silent, max(deadline - loop.time(), 0)))
+        return False
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
         return SERVER_NAME, __version__, EXTENSIONS
@@ -91,6 +102,7 @@ class DataPlane:
         return self.repository.get(name, version).config
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        self._last_arrival = asyncio.get_running_loop().time()
         if not self.serving or self.draining.is_set():
             raise Unavailable("the server is not ready: starting up or draining")
         self._in_flight += 1

@@ -4,7 +4,8 @@ Start: every port is bound first, so a port in use is one clear error before any
 loads. SIGTERM or SIGINT drains in phases, so no request that was accepted is cancelled:
 1. the node reports not ready;
 2. the listeners stay up; new requests get UNAVAILABLE, open streams end once answered,
-   and the requests in flight finish (up to drain_timeout_s);
+   and the requests in flight finish; this lasts until none is in flight and none has
+   arrived for DRAIN_QUIET_S (up to drain_timeout_s);
 3. the gRPC server stops;
 4. the models unload, with a bounded wait on their runtimes.
 """
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 # How long stopping the gRPC server waits for calls other than inference (metadata, a
 # stream's last write) once the requests in flight are done.
 GRPC_STOP_GRACE_S = 5.0
+# A drain ends once requests have stopped arriving for this long (and none is in flight).
+DRAIN_QUIET_S = 0.5
 
 
 class StartupError(KapiError):
@@ -134,8 +137,8 @@ class NodeServer:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         self.dataplane.draining.set()
         await self._announce()
-        if not await self.dataplane.wait_idle(self.settings.drain_timeout_s):
-            log.warning("drain timeout: stopping with requests in flight")
+        if not await self.dataplane.wait_quiet(DRAIN_QUIET_S, self.settings.drain_timeout_s):
+            log.warning("drain timeout: stopping with requests in flight or still arriving")
         grace = min(GRPC_STOP_GRACE_S, max(deadline - time.monotonic(), 0.1))
         await grpc_server.stop(grace)
 

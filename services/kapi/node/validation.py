@@ -85,21 +85,17 @@ class RequestValidator:
             )
 
     def _check_outputs(self, requested: list[RequestedOutput]) -> list[str]:
+        """The outputs to return, each once: as in Triton, an output requested twice
+        comes back once."""
         if not requested:
             return list(self._outputs)
-        names = [output.name for output in requested]
         for output in requested:
             if output.name not in self._outputs:
                 raise InvalidArgument(
                     f"model '{self.model}' has no output '{output.name}', expected {self._outputs}"
                 )
-            if names.count(output.name) > 1:
-                raise InvalidArgument(
-                    f"model '{self.model}': output '{output.name}' is requested more than "
-                    "once; request each output once"
-                )
             check_output_parameters(self.model, output)
-        return names
+        return list(dict.fromkeys(output.name for output in requested))
 
     def _check_input(self, spec: mc.ModelInput, tensor: EncodedTensor) -> int:
         expected_type = oip_datatype(spec.data_type)
