@@ -297,6 +297,7 @@ def test_request_parameters_at_their_defaults_ask_for_nothing(
     ("name", "value", "words"),
     [
         ("priority", "high", ("'priority'", "an int64")),
+        ("priority", -1, ("'priority'", "expected value >= 0")),
         ("sequence_start", 1, ("'sequence_start'", "a bool")),
         ("temperature", 0.5, ("'temperature'", "not one kapi knows")),
         ("triton_custom", True, ("'triton_custom'", "not one kapi knows")),

@@ -82,7 +82,7 @@ def test_a_payload_for_an_unknown_model_is_not_decoded(
     )
 
 
-def test_typed_contents_of_the_wrong_count_are_refused_before_decoding(
+def test_typed_contents_of_the_wrong_count_are_refused(
     stub: service_pb2_grpc.GRPCInferenceServiceStub,
 ) -> None:
     request = service_pb2.ModelInferRequest(model_name="identity_wide")

@@ -43,6 +43,8 @@ def check_request_parameters(request: InferenceRequest) -> None:
                 f"request parameter '{name}' is {type(value).__name__} {value!r}; "
                 f"Triton takes it as {_type_name(kind)}"
             )
+        if kind is int and isinstance(value, int) and value < 0:  # Triton's words
+            raise InvalidArgument(f"invalid value for '{name}', expected value >= 0")
         if value not in (default, ""):
             raise Unimplemented(
                 f"request parameter '{name}' ({value!r}) asks for {feature}, which kapi does "

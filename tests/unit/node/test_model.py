@@ -91,3 +91,26 @@ async def test_a_request_that_fails_its_checks_is_never_decoded() -> None:
     assert isinstance(echo.runtime, EchoRuntime)
     assert echo.runtime.prepared == 0
     await echo.unload(1.0)
+
+
+async def test_large_typed_contents_decode_off_the_loop() -> None:
+    """fp32_contents and the like convert value by value: a large one must not hold up the
+    loop either."""
+    config = text_format.Parse(
+        'name: "echo" input [ { name: "text" data_type: TYPE_FP32 dims: [ -1 ] } ] '
+        'output [ { name: "text" data_type: TYPE_FP32 dims: [ -1 ] } ]',
+        mc.ModelConfig(),
+    )
+    runtime = EchoRuntime(config)
+    stats = ModelStats(NodeMetrics(CollectorRegistry()), "echo", "1")
+    model = ModelVersion(config, 1, "onnxruntime", runtime, stats)
+    count = DECODE_OFF_LOOP_BYTES // 8 + 1
+    values = [float(v) for v in range(count)]
+    request = InferenceRequest(
+        "echo", inputs=[EncodedTensor("text", "FP32", (count,), None, values)]
+    )
+    response = await model.infer(request)
+    np.testing.assert_array_equal(response.outputs[0].data, np.arange(count, dtype=np.float32))
+    (thread,) = runtime.prepared_on
+    assert thread is not threading.current_thread()
+    await model.unload(1.0)

@@ -1,0 +1,1 @@
+"""`make demo`, in stages: python -m kapi.demo."""

@@ -1,0 +1,45 @@
+"""`make demo`: build an example model repository, serve it with a kapi node, query it with
+tritonclient exactly as a Triton user would, show the node holding up against a broken
+model, a malformed request and SIGTERM under load, and leave the repository on disk.
+
+Needs the dev extra (torch, onnx, openvino, tritonclient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kapi.demo import _hardening, _repository, _serving
+
+DEFAULT_ROOT = Path("demo-repository")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tritonclient.grpc as grpcclient
+
+    parser = argparse.ArgumentParser(prog="python -m kapi.demo", description=__doc__)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="where to build it")
+    root: Path = parser.parse_args(argv).root.resolve()
+    print(f"1. building an example model repository in {root}")
+    _repository.build_repository(root)
+    process, ports = _serving.start_node(root)
+    url = f"{_serving.HOST}:{ports['grpc']}"
+    try:
+        with grpcclient.InferenceServerClient(url) as client:
+            _serving.wait_ready(client, process)
+            _serving.run_queries(client, url)
+            _hardening.broken_model(client, root)
+        _hardening.malformed_request(url, ports["http"])
+        _hardening.sigterm_under_load(url, process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    kapi = Path(sys.executable).with_name("kapi")
+    print(f"8. the repository stays in {root}; serve it yourself with:")
+    print(f"   {kapi} node --model-repository {root}")
+
+
+if __name__ == "__main__":
+    main()
