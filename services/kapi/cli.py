@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 import pydantic
+from pydantic_settings import SettingsError
 
 from kapi.core.errors import KapiError
 from kapi.core.logging import configure_logging
@@ -32,6 +33,8 @@ def _node(args: argparse.Namespace) -> None:
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         _fail(f"invalid settings: {problems}")
+    except SettingsError as exc:  # an environment value that does not parse (a list, say)
+        _fail(f"invalid settings: {exc} (a list is JSON: KAPI_NODE_LOAD_MODELS='[\"a\"]')")
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(NodeServer(settings).run())

@@ -229,3 +229,34 @@ def wait_for_model(client: grpcclient.InferenceServerClient, model: str) -> None
             return
         time.sleep(0.1)
     raise AssertionError(f"model {model} not ready: {index}")
+
+
+def test_a_model_asked_for_at_start_that_is_not_there_keeps_the_node_not_ready(
+    broken_repository: Path, start_kapi_node: NodeFactory
+) -> None:
+    """A typo in --load-model is a model that failed: named in the index, and the node is
+    not ready until it is unloaded."""
+    node = start_kapi_node(
+        broken_repository, explicit=True, load_models=[GOOD, "typo_nope"], wait_for="live"
+    )
+    with grpcclient.InferenceServerClient(node.grpc_url) as client:
+        wait_for_model(client, GOOD)
+        rows = {m.name: m for m in client.get_model_repository_index().models}
+        not_ready = client.is_server_ready()
+        client.unload_model("typo_nope")
+        ready_once_unloaded = client.is_server_ready()
+    assert rows["typo_nope"].state == "UNAVAILABLE"
+    assert "not in the model repository" in rows["typo_nope"].reason
+    assert not not_ready
+    assert ready_once_unloaded
+
+
+def test_names_that_cannot_be_models_are_not_found(
+    broken_repository: Path, start_kapi_node: NodeFactory
+) -> None:
+    node = start_kapi_node(broken_repository, explicit=True, load_models=[GOOD])
+    with grpcclient.InferenceServerClient(node.grpc_url) as client:
+        for name in ("x" * 5000, "a\x00b", "../good", ".hidden"):
+            expect_error(lambda name=name: client.load_model(name), "StatusCode.NOT_FOUND")
+            expect_error(lambda name=name: client.unload_model(name), "StatusCode.NOT_FOUND")
+    assert "Traceback" not in node.log()

@@ -31,6 +31,10 @@ dynamic_batching { max_queue_delay_microseconds: 2000000 }
 """
 
 
+MANY_VERSIONS = 40
+MANY_CONFIG = "version_policy: { all: {} }\n"
+
+
 @pytest.fixture(scope="module")
 def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repository = tmp_path_factory.mktemp("explicit")
@@ -39,6 +43,11 @@ def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.save_model(repository, "versioned", models.add_constant_model(1.0))
     models.save_model(repository, "on_demand", models.identity_model("FP32"))
     models.save_model(repository, "metered", models.add_constant_model(1.0))
+    models.save_model(repository, "slow_unload", models.add_constant_model(3.0), config=SLOW_CONFIG)
+    for version in range(1, MANY_VERSIONS + 1):  # slow to load: a session per version
+        models.save_model(
+            repository, "many_versions", models.add_constant_model(1.0), version, MANY_CONFIG
+        )
     models.save_model(repository, "never_loaded", models.identity_model("FP32"))
     models.save_model(repository, "broken", b"\x08\x07 not a model")
     models.save_model(repository, "kept", models.add_constant_model(1.0))
@@ -305,3 +314,53 @@ def series_of(metrics: str, model: str) -> int:
         for s in family.samples
         if s.labels.get("model") == model
     )
+
+
+def wait_state(client: grpcclient.InferenceServerClient, model: str, state: str) -> str:
+    """Wait until `model`'s index row reaches `state`; its reason."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        _, now, reason = index_states(client)[model]
+        if now == state:
+            return reason
+        time.sleep(0.05)
+    raise AssertionError(f"{model} never reached {state}: {index_states(client)[model]}")
+
+
+def test_a_load_whose_client_gives_up_still_completes(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    """As in Triton, a load runs to its end whatever the client does: cut short by the
+    client's deadline it would leave the model half loaded and the node not ready."""
+    expect_error(
+        lambda: explicit_client.load_model("many_versions", client_timeout=0.05),
+        "StatusCode.DEADLINE_EXCEEDED",
+    )
+    wait_state(explicit_client, "many_versions", "READY")
+    assert explicit_client.get_model_metadata("many_versions").versions == [
+        str(v) for v in range(1, MANY_VERSIONS + 1)
+    ]
+    assert explicit_client.is_server_ready()
+
+
+def test_an_unload_whose_client_gives_up_still_completes(
+    explicit_node: RunningNode, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    explicit_client.load_model("slow_unload")
+    outcomes: queue.Queue[tuple[object, object]] = queue.Queue()
+    explicit_client.async_infer(
+        "slow_unload", add_input(), lambda result, error: outcomes.put((result, error))
+    )
+    time.sleep(0.5)  # the batcher holds the request for 2 s: the unload waits for it
+
+    expect_error(
+        lambda: explicit_client.unload_model("slow_unload", client_timeout=0.2),
+        "StatusCode.DEADLINE_EXCEEDED",
+    )
+
+    result, error = outcomes.get(timeout=30)
+    assert error is None
+    assert isinstance(result, grpcclient.InferResult)
+    assert wait_state(explicit_client, "slow_unload", "UNAVAILABLE") == "unloaded"
+    assert series_of(explicit_node.metrics(), "slow_unload") == 0
+    assert explicit_client.is_server_ready()

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import numpy as np
+import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.support.clients import expect_rpc_error
@@ -126,3 +127,50 @@ def test_a_request_over_the_default_message_limit_is_resource_exhausted(
     expect_rpc_error(
         lambda: stub.ModelInfer(request, timeout=60), grpc.StatusCode.RESOURCE_EXHAUSTED
     )
+
+
+def many_inputs_request(model: str, count: int) -> service_pb2.ModelInferRequest:
+    """`count` empty input headers: a few bytes each, so millions fit in one message."""
+    request = service_pb2.ModelInferRequest(model_name=model)
+    for index in range(count):
+        request.inputs.add(name=f"i{index}")
+    return request
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "words"),
+    [
+        ("no_such_model", grpc.StatusCode.NOT_FOUND, "no_such_model"),
+        ("identity_wide", grpc.StatusCode.INVALID_ARGUMENT, "far more than the model takes"),
+    ],
+)
+def test_a_request_of_millions_of_headers_is_refused_before_they_are_read(
+    main_node: RunningNode,
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+    model: str,
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    """The model is looked up, and the request's counts checked against it, before its input
+    headers and parameters are converted one by one (2 M of them took 10 s to convert)."""
+    request = many_inputs_request(model, 2_000_000)
+    with probing(main_node) as failures:
+        expect_rpc_error(lambda: stub.ModelInfer(request, timeout=60), code, words)
+    assert failures == []
+
+
+def test_a_large_bytes_response_encodes_while_the_node_answers_probes(
+    main_node: RunningNode, stub: service_pb2_grpc.GRPCInferenceServiceStub
+) -> None:
+    """4 M short BYTES elements in, the same out: decoded and encoded off the event loop."""
+    count = 4_000_000
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes_wide")
+    request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, count])
+    request.raw_input_contents.append(b"\x01\x00\x00\x00z" * count)
+
+    with probing(main_node) as failures:
+        response = stub.ModelInfer(request, timeout=120)
+
+    assert failures == []
+    assert list(response.outputs[0].shape) == [1, count]
+    assert response.raw_output_contents[0] == request.raw_input_contents[0]

@@ -118,6 +118,9 @@ def build_main_repository(root: Path) -> models.TinyCnn:
     models.save_model(root, "held", models.add_constant_model(1.0), config=HELD_CONFIG)
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))
+    models.save_model(
+        root, "identity_bytes_wide", models.identity_model("BYTES", ["batch", "width"])
+    )
     models.save_model(root, "transpose", models.transpose_model())
     models.save_model(
         root, "transpose_batched", models.transpose_model(), config=TRANSPOSE_BATCHED_CONFIG

@@ -46,6 +46,17 @@ class EncodedTensor:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """How much of a request the model it is for can use: a request naming more inputs or
+    outputs, or carrying more parameters in one map, is refused before its parts are
+    converted one by one (millions of empty input headers fit in one message)."""
+
+    inputs: int
+    outputs: int
+    parameters: int = 8  # more than kapi knows in any one map (six request parameters)
+
+
+@dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str
     parameters: dict[str, Parameter] = field(default_factory=dict)

@@ -12,6 +12,7 @@ from kapi.core.inference import (
     InferenceResponse,
     Parameter,
     RequestedOutput,
+    RequestLimits,
 )
 from kapi.core.tensors import DATATYPES, check_shape, to_raw
 
@@ -32,9 +33,10 @@ CONTENTS_FIELD = {
 }
 
 
-def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
-    """The request with its inputs still encoded: headers are checked here, contents are
-    decoded only once the model has checked them."""
+def request_from_proto(message: pb.ModelInferRequest, limits: RequestLimits) -> InferenceRequest:
+    """The request with its inputs still encoded: headers are checked here, within the
+    model's `limits`, and contents are decoded only once the model has checked them."""
+    _check_counts(message, limits)
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgument(
@@ -42,11 +44,14 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
             "send one raw entry per input, in order"
         )
     inputs = [
-        _input_from_proto(tensor, raw[index] if raw else None)
+        _input_from_proto(tensor, raw[index] if raw else None, limits.parameters)
         for index, tensor in enumerate(message.inputs)
     ]
     outputs = [
-        RequestedOutput(output.name, parameters_from_proto(output.parameters))
+        RequestedOutput(
+            output.name,
+            parameters_from_proto(output.parameters, limits.parameters, f"output '{output.name}'"),
+        )
         for output in message.outputs
     ]
     return InferenceRequest(
@@ -55,8 +60,22 @@ def request_from_proto(message: pb.ModelInferRequest) -> InferenceRequest:
         id=message.id,
         inputs=inputs,
         outputs=outputs,
-        parameters=parameters_from_proto(message.parameters),
+        parameters=parameters_from_proto(message.parameters, limits.parameters, "the request"),
     )
+
+
+def _check_counts(message: pb.ModelInferRequest, limits: RequestLimits) -> None:
+    model = message.model_name
+    if len(message.inputs) > limits.inputs:
+        raise InvalidArgument(
+            f"model '{model}': {len(message.inputs)} inputs in the request, more than "
+            f"{limits.inputs}, far more than the model takes"
+        )
+    if len(message.outputs) > limits.outputs:
+        raise InvalidArgument(
+            f"model '{model}': {len(message.outputs)} outputs requested, more than "
+            f"{limits.outputs}, far more than the model has; request each output once"
+        )
 
 
 def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
@@ -69,8 +88,15 @@ def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
     return message
 
 
-def parameters_from_proto(parameters: Any) -> dict[str, Parameter]:
-    """An InferParameter map as plain Python values."""
+def parameters_from_proto(
+    parameters: Any, limit: int | None = None, where: str = "the request"
+) -> dict[str, Parameter]:
+    """An InferParameter map as plain Python values; more than `limit` entries are refused
+    before any is converted."""
+    if limit is not None and len(parameters) > limit:
+        raise InvalidArgument(
+            f"{where} carries {len(parameters)} parameters; kapi takes at most {limit}"
+        )
     decoded: dict[str, Parameter] = {}
     for key, value in parameters.items():
         choice = value.WhichOneof("parameter_choice")
@@ -80,10 +106,10 @@ def parameters_from_proto(parameters: Any) -> dict[str, Parameter]:
 
 
 def _input_from_proto(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, parameter_limit: int
 ) -> EncodedTensor:
     shape = check_shape(tensor.name, list(tensor.shape))
-    parameters = parameters_from_proto(tensor.parameters)
+    parameters = parameters_from_proto(tensor.parameters, parameter_limit, f"input '{tensor.name}'")
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidArgument(

@@ -39,6 +39,7 @@ _BY_NUMPY = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 _LENGTH = struct.Struct("<I")
 # More elements than any tensor can have: numpy's byte count of the largest itemsize must fit.
 _MAX_ELEMENTS = np.iinfo(np.intp).max // 16
+_JOIN_PARTS = 1 << 14  # parts a BYTES encoding joins at once
 
 
 @dataclass(slots=True)
@@ -47,6 +48,16 @@ class Tensor:
     datatype: str
     shape: tuple[int, ...]
     data: npt.NDArray[np.generic]
+    raw: bytes | None = None  # its raw encoding, once made (BYTES take work to encode)
+
+    @property
+    def raw_size(self) -> int:
+        """The length of its raw encoding: known for fixed-size datatypes, made for BYTES."""
+        if self.datatype != "BYTES":
+            return self.data.nbytes
+        if self.raw is None:
+            self.raw = serialize_bytes(self.data)
+        return len(self.raw)
 
 
 def datatype_of(array: npt.NDArray[np.generic]) -> str:
@@ -116,17 +127,11 @@ def from_values(name: str, datatype: str, shape: tuple[int, ...], values: object
 
 def to_raw(tensor: Tensor) -> bytes:
     """Encode a tensor as raw row-major bytes, the only way kapi sends outputs."""
+    if tensor.raw is not None:
+        return tensor.raw
     if tensor.datatype == "BYTES":
         return serialize_bytes(tensor.data)
     return np.ascontiguousarray(tensor.data).tobytes()
-
-
-def raw_size(array: npt.NDArray[np.generic]) -> int:
-    """How many bytes `to_raw` makes of an array: BYTES elements take 4 + their length."""
-    if array.dtype.kind not in "OSU":
-        return array.nbytes
-    # An element that is not bytes or str counts 0: serialize_bytes refuses it with its error.
-    return sum(_LENGTH.size + len(_element_bytes(item) or b"") for item in array.flat)
 
 
 def _element_bytes(item: object) -> bytes | None:
@@ -139,9 +144,12 @@ def _element_bytes(item: object) -> bytes | None:
 
 
 def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
+    """The length-prefixed encoding of every element. Joined a chunk at a time: one join of
+    millions of parts would hold the GIL, and so the event loop, for a long while."""
+    chunks: list[bytes] = []
     parts: list[bytes] = []
     item: Any
-    for item in array.reshape(-1):
+    for item in array.reshape(-1).tolist():
         value = _element_bytes(item)
         if value is None:
             raise InvalidArgument(
@@ -149,7 +157,11 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
             )
         parts.append(_LENGTH.pack(len(value)))
         parts.append(value)
-    return b"".join(parts)
+        if len(parts) >= _JOIN_PARTS:
+            chunks.append(b"".join(parts))
+            parts.clear()
+    chunks.append(b"".join(parts))
+    return b"".join(chunks)
 
 
 def deserialize_bytes(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:

@@ -8,12 +8,12 @@ finish.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 
 from kapi import __version__
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, Unavailable
-from kapi.core.inference import InferenceRequest, InferenceResponse, Parameter
+from kapi.core.inference import InferenceRequest, InferenceResponse, Parameter, RequestLimits
 from kapi.node.config import oip_datatype
 from kapi.node.parameters import check_load_parameters, check_unload_parameters
 from kapi.node.repository import IndexEntry, ModelRepository
@@ -44,6 +44,7 @@ class DataPlane:
         self._last_arrival = 0.0  # event-loop time of the last inference request
         self._idle = asyncio.Event()
         self._idle.set()
+        self._control: set[asyncio.Future[None]] = set()  # loads and unloads under way
 
     @property
     def ready(self) -> bool:
@@ -98,22 +99,39 @@ class DataPlane:
         versions = [str(v) for v in self.repository.ready_versions(name)]
         return versions, model.platform, specs(model.config.input), specs(model.config.output)
 
+    def request_limits(self, name: str, version: str) -> RequestLimits:
+        """What a request to this model may carry; the model is looked up before a request
+        to it is converted."""
+        return self.repository.get(name, version).validator.limits
+
     def model_config(self, name: str, version: str) -> mc.ModelConfig:
         return self.repository.get(name, version).config
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    def admit(self) -> None:
+        """Count one inference request in; UNAVAILABLE while starting up or draining. Every
+        admit is matched by one `release`."""
         self._last_arrival = asyncio.get_running_loop().time()
         if not self.serving or self.draining.is_set():
             raise Unavailable("the server is not ready: starting up or draining")
         self._in_flight += 1
         self._idle.clear()
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+
+    async def infer(self, request: InferenceRequest, admitted: bool = False) -> InferenceResponse:
+        """Run one request; `admitted`: the caller has counted it in (and releases it), as a
+        stream does for the requests it reads before a drain begins."""
+        if not admitted:
+            self.admit()
         try:
             model = self.repository.get(request.model_name, request.model_version)
             return await model.infer(request, self.max_response_bytes)
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            if not admitted:
+                self.release()
 
     def statistics(self, name: str, version: str) -> list[tuple[str, str, ModelStats]]:
         models = [self.repository.get(name, version)] if name else self.repository.loaded()
@@ -125,12 +143,21 @@ class DataPlane:
     async def load(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
         check_load_parameters(name, parameters)
-        await self.repository.load(name)
+        await self._to_the_end(self.repository.load(name))
 
     async def unload(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
         check_unload_parameters(name, parameters)
-        await self.repository.unload(name)
+        await self._to_the_end(self.repository.unload(name))
+
+    async def _to_the_end(self, operation: Coroutine[object, object, None]) -> None:
+        """A load or unload runs to its end even if its caller gives up (a client deadline
+        cancels the RPC), as in Triton: cut short, it would leave the model half loaded or
+        half unloaded."""
+        task = asyncio.ensure_future(operation)
+        self._control.add(task)
+        task.add_done_callback(_forget(self._control))
+        await asyncio.shield(task)
 
     def _check_model_control(self) -> None:
         if not self.explicit_model_control:
@@ -138,3 +165,14 @@ class DataPlane:
                 "explicit model load / unload is not allowed: start the node with "
                 "--model-control-mode explicit"
             )
+
+
+def _forget(running: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    """Drop a finished operation; its error, if its caller gave up, was logged by it."""
+
+    def done(task: asyncio.Future[None]) -> None:
+        running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the repository logged why a load failed
+
+    return done

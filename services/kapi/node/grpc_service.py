@@ -158,7 +158,8 @@ class InferenceServicer:
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
-        response = await self.dataplane.infer(request_from_proto(request))
+        limits = self.dataplane.request_limits(request.model_name, request.model_version)
+        response = await self.dataplane.infer(request_from_proto(request, limits))
         return response_to_proto(response)
 
     async def ModelStreamInfer(

@@ -12,16 +12,19 @@ import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.inference import EncodedTensor, InferenceRequest, InferenceResponse
-from kapi.core.tensors import Tensor, datatype_of
+from kapi.core.tensors import Tensor, datatype_of, to_raw
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats
 from kapi.node.validation import RequestValidator
 
 log = logging.getLogger(__name__)
-# Inputs that take more decoding than this (BYTES, typed contents) decode off the event
-# loop, so one large request cannot hold up health checks and other requests.
+# Inputs that take more decoding than this (BYTES, typed contents), and BYTES outputs that
+# take more encoding, are converted off the event loop, so one large request cannot hold up
+# health checks and other requests.
 DECODE_OFF_LOOP_BYTES = 256 * 1024
+# What a BYTES element costs to encode, against a byte: a Python object each.
+_ELEMENT_COST = 8
 # How long unloading waits for the runtime's running executions and its own release.
 RUNTIME_STOP_TIMEOUT_S = 30.0
 
@@ -80,8 +83,9 @@ class ModelVersion:
                 future=asyncio.get_running_loop().create_future(),
             )
             outputs = await self.scheduler.submit(job)
+            tensors = await self._encode([_tensor(name, outputs[name]) for name in job.outputs])
             if max_response_bytes:
-                self.validator.check_response_size(outputs, job.outputs, max_response_bytes)
+                self.validator.check_response_size(tensors, max_response_bytes)
         except BaseException:
             self.stats.record_request(time.perf_counter_ns() - start, 0, False, 0)
             raise
@@ -92,8 +96,17 @@ class ModelVersion:
         self.stats.record_request(
             time.perf_counter_ns() - start, job.queue_ns, True, job.batch_size or 1
         )
-        tensors = [_tensor(name, outputs[name]) for name in job.outputs]
         return InferenceResponse(self.name, str(self.version), request.id, tensors)
+
+    async def _encode(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Make the raw encoding of BYTES outputs (element by element), off the event loop
+        when they are large; fixed-size outputs are one copy when the response is sent."""
+        strings = [tensor for tensor in tensors if tensor.datatype == "BYTES"]
+        if sum(tensor.data.size for tensor in strings) * _ELEMENT_COST > DECODE_OFF_LOOP_BYTES:
+            await asyncio.to_thread(_encode_now, strings)
+        else:
+            _encode_now(strings)
+        return tensors
 
     async def _decode(self, tensors: list[EncodedTensor]) -> Arrays:
         if sum(tensor.decode_cost for tensor in tensors) > DECODE_OFF_LOOP_BYTES:
@@ -108,10 +121,10 @@ class ModelVersion:
         """Wait for in-flight requests (up to the timeout), then free the runtime, waiting
         at most RUNTIME_STOP_TIMEOUT_S for an execution that does not end."""
         try:
-            await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
-        except TimeoutError:
-            log.warning("unloading with requests in flight", extra={"model": self.name})
-        try:
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+            except TimeoutError:
+                log.warning("unloading with requests in flight", extra={"model": self.name})
             await asyncio.wait_for(self.scheduler.close(), RUNTIME_STOP_TIMEOUT_S)
             await asyncio.wait_for(self.runtime.unload(), RUNTIME_STOP_TIMEOUT_S)
         except TimeoutError:
@@ -121,6 +134,11 @@ class ModelVersion:
             )
         finally:
             self.stats.close()
+
+
+def _encode_now(tensors: list[Tensor]) -> None:
+    for tensor in tensors:
+        tensor.raw = to_raw(tensor)
 
 
 def _tensor(name: str, array: np.ndarray[Any, Any]) -> Tensor:

@@ -69,8 +69,8 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load (or reload) a model; raises why it failed, having marked it UNAVAILABLE with
         that reason (a model that was serving keeps serving its old versions)."""
-        model_dir = self.root / name
-        if not name or "/" in name or name.startswith(".") or not model_dir.is_dir():
+        model_dir = self._model_dir(name)
+        if model_dir is None:
             missing = NotFound(f"model '{name}' is not in the model repository {self.root}")
             log.error("model failed to load", extra={"model": name, "reason": missing.message})
             raise missing
@@ -94,6 +94,22 @@ class ModelRepository:
             log.info("model ready", extra={"model": name, "versions": sorted(loaded)})
             await self._unload_versions(old.values())
 
+    def record_failure(self, name: str, reason: str) -> None:
+        """A model the node was asked to load at start that is not there: UNAVAILABLE with
+        the reason, so that it shows in the index and counts against strict readiness."""
+        self._models.setdefault(name, ModelEntry(State.UNAVAILABLE, reason))
+
+    def _model_dir(self, name: str) -> Path | None:
+        """The model's directory, or None for a name that cannot be one (empty, a path, too
+        long, with a NUL) or that is not in the repository."""
+        if not name or "/" in name or name.startswith("."):
+            return None
+        try:
+            model_dir = self.root / name
+            return model_dir if model_dir.is_dir() else None
+        except (OSError, ValueError):
+            return None
+
     async def _load_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
         config = read_config(model_dir)
         check_config(config)
@@ -112,9 +128,11 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Unload a model. A model that failed to load is unloaded too: it then no longer
         counts against readiness."""
+        if name not in self._models:  # before taking a lock: none is made for unknown names
+            raise NotFound(f"model '{name}' is not loaded")
         async with self._locks[name]:
-            entry = self._models.get(name)
-            if entry is None or entry.reason == UNLOADED or entry.state == State.LOADING:
+            entry = self._models[name]
+            if entry.reason == UNLOADED or entry.state == State.LOADING:
                 raise NotFound(f"model '{name}' is not loaded")
             entry.state = State.UNLOADING
             old, entry.versions = entry.versions, {}

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp
 
 from kapi.core._generated._pool import POOL
-from kapi.core.errors import KapiError
+from kapi.core.errors import KapiError, NotFound
 from kapi.core.metrics import metrics_app
 from kapi.node.dataplane import DataPlane
 from kapi.node.grpc_service import SERVICE, InferenceServicer
@@ -106,6 +106,7 @@ class NodeServer:
             self._http_server(health_app(self.dataplane)),
             self._http_server(metrics_app(self.registry)),
         ]
+        await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
         await grpc_server.start()
         http_tasks = [
             asyncio.create_task(server.serve(sockets=[sock]))
@@ -114,10 +115,11 @@ class NodeServer:
         try:
             self._install_signal_handlers()
             await self._load_initial_models()
-            self.dataplane.serving = True
-            await self._announce()
-            log.info("node ready", extra={"grpc_port": self.settings.grpc_port})
-            await self._stop.wait()
+            if not self._stop.is_set():  # a signal during the loads: straight to the drain
+                self.dataplane.serving = True
+                await self._announce()
+                log.info("node serving", extra={"grpc_port": self.settings.grpc_port})
+                await self._stop.wait()
             await self._drain(grpc_server)
         finally:
             await grpc_server.stop(0)
@@ -200,8 +202,12 @@ class NodeServer:
         for name in names:
             if self._stop.is_set():
                 return
-            with contextlib.suppress(KapiError):  # logged; one bad model keeps no other down
+            try:
                 await self.repository.load(name)
+            except NotFound as exc:  # asked for by name and not there: strict readiness sees it
+                self.repository.record_failure(name, exc.message)
+            except KapiError:  # logged; one bad model keeps no other down
+                pass
 
     async def _announce(self) -> None:
         """Tell grpc.health.v1 watchers the readiness as it is now."""

@@ -37,14 +37,17 @@ async def answer_stream(
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
     window = asyncio.Semaphore(STREAM_WINDOW)
-    answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+    answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
     end: list[KapiError] = []  # why the stream ends early, if it does
 
     async def read() -> None:
         try:
             async for request in requests:
                 await window.acquire()
-                answers.put_nowait(asyncio.create_task(_answer(dataplane, request)))
+                if dataplane.draining.is_set():  # read as the drain began: not run, no answer
+                    end[:] = end or [Unavailable(DRAINED)]
+                    break
+                answers.put_nowait(_start(dataplane, request))
         except asyncio.CancelledError:
             if not end:  # torn down by gRPC, not cut short by the drain
                 raise
@@ -56,7 +59,7 @@ async def answer_stream(
             answers.put_nowait(None)
 
     def cut(drained: asyncio.Task[bool]) -> None:
-        if not drained.cancelled() and not reader.done():
+        if not drained.cancelled() and not reader.done() and not end:
             end.append(Unavailable(DRAINED))
             reader.cancel()
 
@@ -78,14 +81,37 @@ async def answer_stream(
         await context.abort(end[0].grpc_status, end[0].message)
 
 
+def _start(
+    dataplane: DataPlane, request: pb.ModelInferRequest
+) -> asyncio.Future[pb.ModelStreamInferResponse]:
+    """Count the request in now, as it is read, so that a drain beginning before its task
+    first runs waits for it instead of refusing it."""
+    try:
+        dataplane.admit()
+    except KapiError as exc:
+        refused: asyncio.Future[pb.ModelStreamInferResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        refused.set_result(_error(request, exc))
+        return refused
+    return asyncio.create_task(_answer(dataplane, request))
+
+
 async def _answer(
     dataplane: DataPlane, request: pb.ModelInferRequest
 ) -> pb.ModelStreamInferResponse:
     try:
-        response = await dataplane.infer(request_from_proto(request))
+        limits = dataplane.request_limits(request.model_name, request.model_version)
+        response = await dataplane.infer(request_from_proto(request, limits), admitted=True)
     except Exception as exc:
-        message = pb.ModelStreamInferResponse(error_message=as_kapi_error(exc).message)
-        message.infer_response.id = request.id
-        message.infer_response.model_name = request.model_name
-        return message
+        return _error(request, as_kapi_error(exc))
+    finally:
+        dataplane.release()
     return pb.ModelStreamInferResponse(infer_response=response_to_proto(response))
+
+
+def _error(request: pb.ModelInferRequest, error: KapiError) -> pb.ModelStreamInferResponse:
+    message = pb.ModelStreamInferResponse(error_message=error.message)
+    message.infer_response.id = request.id
+    message.infer_response.model_name = request.model_name
+    return message

@@ -8,15 +8,14 @@ from dataclasses import dataclass
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, ResourceExhausted
-from kapi.core.inference import EncodedTensor, InferenceRequest, RequestedOutput
-from kapi.core.tensors import check_raw_size, raw_size
+from kapi.core.inference import EncodedTensor, InferenceRequest, RequestedOutput, RequestLimits
+from kapi.core.tensors import Tensor, check_raw_size
 from kapi.node.config import oip_datatype
 from kapi.node.parameters import (
     check_input_parameters,
     check_output_parameters,
     check_request_parameters,
 )
-from kapi.node.runtimes import Arrays
 from kapi.node.scheduler import Signature
 
 # Room kept for the rest of a response message (names, shapes, parameters) around the
@@ -43,6 +42,9 @@ class RequestValidator:
         self.max_batch_size = config.max_batch_size
         self._inputs = {tensor.name: tensor for tensor in config.input}
         self._outputs = [tensor.name for tensor in config.output]
+        # Past these counts a request is refused unread; below them, with room for a few
+        # mistakes, check() names the input or output that is wrong.
+        self.limits = RequestLimits(2 * len(self._inputs) + 8, 2 * len(self._outputs) + 8)
 
     def check(self, request: InferenceRequest) -> CheckedRequest:
         check_request_parameters(request)
@@ -73,10 +75,10 @@ class RequestValidator:
             signature=signature,
         )
 
-    def check_response_size(self, outputs: Arrays, names: list[str], limit: int) -> None:
+    def check_response_size(self, outputs: list[Tensor], limit: int) -> None:
         """Outputs too large for a response of `limit` bytes fail the request with
         RESOURCE_EXHAUSTED: the response could not be sent."""
-        size = sum(raw_size(outputs[name]) for name in names)
+        size = sum(tensor.raw_size for tensor in outputs)
         if size > limit - min(RESPONSE_ENVELOPE_BYTES, limit // 2):
             raise ResourceExhausted(
                 f"model '{self.model}': the response's outputs take {size} bytes; with the "

@@ -11,7 +11,7 @@ import tritonclient.grpc as triton
 import tritonclient.grpc.service_pb2 as triton_pb
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument
-from kapi.core.inference import InferenceResponse
+from kapi.core.inference import InferenceResponse, RequestLimits
 from kapi.core.oip import CONTENTS_FIELD, request_from_proto, response_to_proto
 from kapi.core.tensors import Tensor
 from ml_dtypes import bfloat16
@@ -19,6 +19,9 @@ from ml_dtypes import bfloat16
 # tritonclient builds its request with this helper in InferenceServerClient.infer; calling it
 # directly gives the exact message tritonclient puts on the wire, without a server.
 from tritonclient.grpc._utils import _get_inference_request
+
+# A model that takes many inputs and outputs: the limits do not get in these tests' way.
+LIMITS = RequestLimits(inputs=64, outputs=64)
 
 
 def _request(**tensors: tuple[str, list[int]]) -> pb.ModelInferRequest:
@@ -36,7 +39,7 @@ def test_raw_inputs_decode_in_order() -> None:
     request.raw_input_contents.extend(
         [np.array([0.5, -1.0], dtype=np.float32).tobytes(), b"\x01\x00\x00\x00a\x00\x00\x00\x00"]
     )
-    decoded = request_from_proto(request)
+    decoded = request_from_proto(request, LIMITS)
     assert (decoded.model_name, decoded.model_version, decoded.id) == ("digits", "3", "r-7")
     assert [output.name for output in decoded.outputs] == ["probs", "classes"]
     image, label = (tensor.decode() for tensor in decoded.inputs)
@@ -69,7 +72,7 @@ def test_every_typed_field_is_tested() -> None:
 def test_typed_contents_decode(datatype: str) -> None:
     request = _request(x=(datatype, [2, 1]))
     getattr(request.inputs[0].contents, CONTENTS_FIELD[datatype]).extend(TYPED[datatype])
-    (encoded,) = request_from_proto(request).inputs
+    (encoded,) = request_from_proto(request, LIMITS).inputs
     tensor = encoded.decode()
     assert tensor.shape == (2, 1)
     assert tensor.data.reshape(-1).tolist() == TYPED[datatype]
@@ -80,21 +83,21 @@ def test_half_precision_typed_contents_are_rejected(datatype: str) -> None:
     request = _request(half=(datatype, [1]))
     request.inputs[0].contents.fp32_contents.append(1.0)
     with pytest.raises(InvalidArgument, match=f"input 'half': datatype '{datatype}' must be sent"):
-        request_from_proto(request)
+        request_from_proto(request, LIMITS)
 
 
 def test_typed_contents_with_a_wrong_count() -> None:
     request = _request(x=("INT32", [3]))
     request.inputs[0].contents.int_contents.extend([1, 2])
     with pytest.raises(InvalidArgument, match="input 'x': 2 elements in contents, expected 3"):
-        request_from_proto(request).inputs[0].decode()
+        request_from_proto(request, LIMITS).inputs[0].decode()
 
 
 def test_typed_contents_that_overflow_the_datatype() -> None:
     request = _request(x=("INT8", [1]))
     request.inputs[0].contents.int_contents.append(1000)
     with pytest.raises(InvalidArgument, match="input 'x': contents do not fit INT8"):
-        request_from_proto(request).inputs[0].decode()
+        request_from_proto(request, LIMITS).inputs[0].decode()
 
 
 @pytest.mark.parametrize(("raw_count", "input_count"), [(1, 2), (3, 2)])
@@ -104,7 +107,7 @@ def test_raw_count_must_match_the_inputs(raw_count: int, input_count: int) -> No
     with pytest.raises(
         InvalidArgument, match=f"{raw_count} raw_input_contents for {input_count} inputs"
     ):
-        request_from_proto(request)
+        request_from_proto(request, LIMITS)
 
 
 def test_raw_and_typed_contents_together_are_rejected() -> None:
@@ -112,21 +115,21 @@ def test_raw_and_typed_contents_together_are_rejected() -> None:
     request.inputs[0].contents.int_contents.append(1)
     request.raw_input_contents.append(b"\x01\x00\x00\x00")
     with pytest.raises(InvalidArgument, match="input 'x': both raw and typed contents given"):
-        request_from_proto(request)
+        request_from_proto(request, LIMITS)
 
 
 def test_a_negative_dimension_is_rejected() -> None:
     request = _request(x=("FP32", [-1, 2]))
     request.raw_input_contents.append(b"")
     with pytest.raises(InvalidArgument, match=r"input 'x': shape \[-1, 2\] has a negative"):
-        request_from_proto(request)
+        request_from_proto(request, LIMITS)
 
 
 def test_raw_contents_of_the_wrong_size_name_the_input() -> None:
     request = _request(x=("FP32", [2]))
     request.raw_input_contents.append(b"\x00" * 7)
     with pytest.raises(InvalidArgument, match="input 'x': 7 bytes of raw contents, expected 8"):
-        request_from_proto(request).inputs[0].decode()
+        request_from_proto(request, LIMITS).inputs[0].decode()
 
 
 def test_parameters_decode_to_python_values() -> None:
@@ -137,7 +140,7 @@ def test_parameters_decode_to_python_values() -> None:
     request.parameters["temperature"].double_param = 0.75
     request.parameters["priority"].uint64_param = 2**64 - 1
     request.parameters["unset"].SetInParent()
-    assert request_from_proto(request).parameters == {
+    assert request_from_proto(request, LIMITS).parameters == {
         "flag": True,
         "timeout": -(2**40),
         "sequence_id": "s-1",
@@ -209,7 +212,7 @@ def test_tritonclient_request_decodes_in_kapi() -> None:
         timeout=None,
         parameters={"custom": "value"},
     )
-    decoded = request_from_proto(pb.ModelInferRequest.FromString(sent.SerializeToString()))
+    decoded = request_from_proto(pb.ModelInferRequest.FromString(sent.SerializeToString()), LIMITS)
     assert (decoded.model_name, decoded.model_version, decoded.id) == ("digits", "2", "r-9")
     assert [output.name for output in decoded.outputs] == ["out"]
     assert decoded.parameters == {"priority": 3, "custom": "value"}
@@ -234,3 +237,34 @@ def test_kapi_response_decodes_in_tritonclient() -> None:
         assert received is not None, datatype
         assert received.shape == expected.shape, datatype
         assert received.tolist() == expected.tolist(), datatype
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "words"),
+    [(3, 0, "3 inputs in the request, more than 2"), (0, 5, "5 outputs requested, more than 4")],
+)
+def test_more_inputs_or_outputs_than_the_model_takes_are_refused_unconverted(
+    inputs: int, outputs: int, words: str
+) -> None:
+    request = pb.ModelInferRequest(model_name="digits")
+    for index in range(inputs):
+        request.inputs.add(name=f"x{index}", datatype="FP32", shape=[-1])  # never checked
+    for _ in range(outputs):
+        request.outputs.add(name="y")
+    with pytest.raises(InvalidArgument, match=words):
+        request_from_proto(request, RequestLimits(inputs=2, outputs=4))
+
+
+@pytest.mark.parametrize("where", ["request", "input", "output"])
+def test_a_parameter_map_larger_than_kapi_takes_is_refused(where: str) -> None:
+    request = _request(x=("FP32", [1]))
+    request.raw_input_contents.append(bytes(4))
+    holder = {
+        "request": request,
+        "input": request.inputs[0],
+        "output": request.outputs.add(name="y"),
+    }[where]
+    for index in range(9):
+        holder.parameters[f"p{index}"].bool_param = True
+    with pytest.raises(InvalidArgument, match="carries 9 parameters; kapi takes at most 8"):
+        request_from_proto(request, LIMITS)

@@ -16,7 +16,6 @@ from kapi.core.tensors import (
     element_count,
     from_raw,
     from_values,
-    raw_size,
     to_raw,
 )
 from ml_dtypes import bfloat16
@@ -172,7 +171,7 @@ def test_bytes_wire_format_is_length_prefixed() -> None:
 )
 def test_raw_size_is_the_length_of_the_raw_encoding(data: npt.NDArray[Any]) -> None:
     tensor = Tensor("t", datatype_of(data), data.shape, data)
-    assert raw_size(data) == len(to_raw(tensor))
+    assert tensor.raw_size == len(to_raw(tensor))
 
 
 def test_bytes_from_raw() -> None:

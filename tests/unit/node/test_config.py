@@ -346,10 +346,10 @@ def test_string_is_bytes_and_invalid_stays_invalid() -> None:
 @pytest.mark.parametrize(
     ("section", "field"),
     [
-        ('input [ { name: "x" dims: [ 3 ] reshape { shape: [ 1, 3 ] } } ]', "input[x].reshape"),
-        ('output [ { name: "y" dims: [ 3 ] reshape { shape: [ 3, 1 ] } } ]', "output[y].reshape"),
-        ('input [ { name: "x" dims: [ -1 ] allow_ragged_batch: true } ]', "input[x].allow_ragged"),
-        ('input [ { name: "x" dims: [ 2 ] is_shape_tensor: true } ]', "input[x].is_shape_tensor"),
+        ("input [ { name: 'x' dims: [ 3 ] reshape { shape: [ 1, 3 ] } } ]", "input[x].reshape"),
+        ("output [ { name: 'y' dims: [ 3 ] reshape { shape: [ 3, 1 ] } } ]", "output[y].reshape"),
+        ("input [ { name: 'x' dims: [ -1 ] allow_ragged_batch: true } ]", "input[x].allow_ragged"),
+        ("input [ { name: 'x' dims: [ 2 ] is_shape_tensor: true } ]", "input[x].is_shape_tensor"),
         (
             'batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_FP32 '
             'source_input: "x" } ]',
@@ -364,7 +364,8 @@ def test_fields_that_change_the_answers_are_refused(
     tmp_path: Path, section: str, field: str
 ) -> None:
     """Serving without these would answer otherwise than Triton, so the model does not load."""
-    config = read_config(_model_dir(tmp_path, f"max_batch_size: 4\n{section}\n"))
+    typed = section.replace("dims:", "data_type: TYPE_FP32 dims:")
+    config = read_config(_model_dir(tmp_path, f"max_batch_size: 4\n{typed}\n"))
     with pytest.raises(InvalidArgument, match="not supported by kapi yet") as raised:
         check_config(config)
     assert field in raised.value.message
@@ -446,3 +447,46 @@ def test_version_directories_of_non_ascii_digits_are_not_versions(
 )
 def test_parse_version_takes_ascii_digits_only(text: str, expected: int | None) -> None:
     assert parse_version(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max_batch_sise: 4", 'no field named "max_batch_sise"'),
+        ("foo_bar { x: 1 }", 'no field named "foo_bar"'),
+    ],
+)
+def test_a_field_triton_does_not_know_is_an_invalid_config(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    """Triton refuses a config with a field its ModelConfig does not have; a typo must not
+    load as a model that silently lacks what was meant."""
+    with pytest.raises(InvalidArgument, match="not a valid model configuration") as raised:
+        read_config(_model_dir(tmp_path, text))
+    assert words in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("max_batch_size: -1", "max_batch_size is -1"),
+        (
+            'input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] }, '
+            '{ name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]',
+            "input 'x' is declared twice",
+        ),
+        ('input [ { name: "x" dims: [ 1 ] } ]', "config input 'x' must specify 'data_type'"),
+        (
+            'output [ { name: "y" data_type: TYPE_INVALID dims: [ 1 ] } ]',
+            "config output 'y' must specify 'data_type'",
+        ),
+    ],
+)
+def test_configs_triton_refuses_are_refused(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        check_config(read_config(_model_dir(tmp_path, text)))
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, str(2**63), "0" + "9" * 19])
+def test_a_version_too_large_for_int64_is_not_a_version(text: str) -> None:
+    assert parse_version(text) is None

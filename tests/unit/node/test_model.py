@@ -13,7 +13,8 @@ from google.protobuf import text_format
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument
 from kapi.core.inference import EncodedTensor, InferenceRequest
-from kapi.core.tensors import serialize_bytes
+from kapi.core.tensors import Tensor, serialize_bytes, to_raw
+from kapi.node import model as model_module
 from kapi.node.model import DECODE_OFF_LOOP_BYTES, ModelVersion
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
 from kapi.node.stats import ModelStats, NodeMetrics
@@ -114,3 +115,25 @@ async def test_large_typed_contents_decode_off_the_loop() -> None:
     (thread,) = runtime.prepared_on
     assert thread is not threading.current_thread()
     await model.unload(1.0)
+
+
+async def test_large_bytes_outputs_encode_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BYTES output is encoded element by element: a large one must not hold up the loop
+    (nor must working out its size for the message limit)."""
+    encoded_on: list[threading.Thread] = []
+
+    def recording_to_raw(tensor: Tensor) -> bytes:
+        encoded_on.append(threading.current_thread())
+        return to_raw(tensor)
+
+    monkeypatch.setattr(model_module, "to_raw", recording_to_raw)
+    echo = echo_model()
+    small = await echo.infer(bytes_request(4), max_response_bytes=2**20)
+    large = await echo.infer(bytes_request(DECODE_OFF_LOOP_BYTES), max_response_bytes=2**30)
+    await echo.unload(1.0)
+
+    assert small.outputs[0].raw == serialize_bytes(np.array([b"ab"] * 4, dtype=np.object_))
+    assert large.outputs[0].raw is not None
+    assert len(large.outputs[0].raw) == 6 * DECODE_OFF_LOOP_BYTES
+    assert encoded_on[0] is threading.current_thread()
+    assert encoded_on[1] is not threading.current_thread()

@@ -88,7 +88,7 @@ _RULES: Rules = {
 
 def check_config(config: mc.ModelConfig) -> None:
     """Refuse a config kapi cannot serve as Triton would; warn about the fields it ignores."""
-    _check_scheduling(config)
+    _check_servable(config)
     found: dict[Treatment, list[str]] = {"act": [], "ignore": [], "refuse": []}
     _classify(config, _RULES, "", found)
     if found["refuse"]:
@@ -116,7 +116,7 @@ def _classify(message: Message, rules: Rules, path: str, found: dict[Treatment, 
             _classify(item, rule, f"{label}.", found)
 
 
-def _check_scheduling(config: mc.ModelConfig) -> None:
+def _check_servable(config: mc.ModelConfig) -> None:
     scheduling = config.WhichOneof("scheduling_choice")
     if scheduling in ("sequence_batching", "ensemble_scheduling") or config.platform == "ensemble":
         raise InvalidArgument(
@@ -125,6 +125,20 @@ def _check_scheduling(config: mc.ModelConfig) -> None:
         )
     if config.model_transaction_policy.decoupled:
         raise InvalidArgument(f"model '{config.name}': decoupled models are not supported by kapi")
+    if config.max_batch_size < 0:
+        raise InvalidArgument(
+            f"model '{config.name}': max_batch_size is {config.max_batch_size}; it must be 0 "
+            "(no batching) or more"
+        )
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        names = [tensor.name for tensor in tensors]
+        for name in sorted({name for name in names if names.count(name) > 1}):
+            raise InvalidArgument(f"model '{config.name}': {kind} '{name}' is declared twice")
+        for tensor in tensors:
+            if tensor.data_type == mc.TYPE_INVALID:  # Triton's rule: declared, so typed
+                raise InvalidArgument(
+                    f"model '{config.name}': config {kind} '{tensor.name}' must specify 'data_type'"
+                )
     for group in config.instance_group:
         if group.count < 0:
             raise InvalidArgument(

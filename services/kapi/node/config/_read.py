@@ -17,6 +17,7 @@ from kapi.core.errors import InvalidArgument, NotFound
 from kapi.node.runtimes import FILES, PLATFORMS, RUNTIMES
 
 CONFIG_FILE = "config.pbtxt"
+_INT64_DIGITS = len(str(2**63))
 
 
 def read_config(model_dir: Path) -> mc.ModelConfig:
@@ -29,7 +30,7 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidArgument(f"{path}: cannot be read as a text config: {exc}") from exc
         try:
-            text_format.Parse(text, config, allow_unknown_field=True)
+            text_format.Parse(text, config)  # an unknown field is an error, as in Triton
         except text_format.ParseError as exc:
             raise InvalidArgument(f"{path}: not a valid model configuration: {exc}") from exc
     if config.name and config.name != model_dir.name:
@@ -41,9 +42,12 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
 
 
 def parse_version(version: str) -> int | None:
-    """A version as a request names it: ASCII digits, or None (a superscript two or an
-    Arabic-Indic digit passes str.isdigit, and is not a version)."""
-    return int(version) if version.isascii() and version.isdigit() else None
+    """A version as a request names it: ASCII digits that fit an int64 (Triton's type), or
+    None (a superscript two or an Arabic-Indic digit passes str.isdigit, and is not one)."""
+    if not (version.isascii() and version.isdigit()) or len(version) > _INT64_DIGITS:
+        return None
+    number = int(version)
+    return number if number < 2**63 else None
 
 
 def available_versions(model_dir: Path) -> list[int]:
