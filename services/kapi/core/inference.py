@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kapi.core.tensors import Tensor, element_count, from_raw, from_values
+from kapi.core.tensors import OBJECT_COST, Tensor, element_count, from_raw, from_values
 
 Parameter = bool | int | float | str
-# What a typed-contents value costs to decode, against a raw byte: a Python object each.
-_VALUE_COST = 8
 
 
 @dataclass(slots=True)
@@ -36,7 +34,7 @@ class EncodedTensor:
     def decode_cost(self) -> int:
         """Roughly how many bytes of work decoding takes; raw numeric tensors are zero-copy."""
         if self.raw is None:
-            return len(self.values) * _VALUE_COST
+            return len(self.values) * OBJECT_COST
         return len(self.raw) if self.datatype == "BYTES" else 0
 
     def decode(self) -> Tensor:

@@ -88,12 +88,10 @@ def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
     return message
 
 
-def parameters_from_proto(
-    parameters: Any, limit: int | None = None, where: str = "the request"
-) -> dict[str, Parameter]:
+def parameters_from_proto(parameters: Any, limit: int, where: str) -> dict[str, Parameter]:
     """An InferParameter map as plain Python values; more than `limit` entries are refused
     before any is converted."""
-    if limit is not None and len(parameters) > limit:
+    if len(parameters) > limit:
         raise InvalidArgument(
             f"{where} carries {len(parameters)} parameters; kapi takes at most {limit}"
         )

@@ -40,6 +40,8 @@ _LENGTH = struct.Struct("<I")
 # More elements than any tensor can have: numpy's byte count of the largest itemsize must fit.
 _MAX_ELEMENTS = np.iinfo(np.intp).max // 16
 _JOIN_PARTS = 1 << 14  # parts a BYTES encoding joins at once
+# What converting one element to or from a Python object costs, against copying one byte.
+OBJECT_COST = 8
 
 
 @dataclass(slots=True)
@@ -49,6 +51,12 @@ class Tensor:
     shape: tuple[int, ...]
     data: npt.NDArray[np.generic]
     raw: bytes | None = None  # its raw encoding, once made (BYTES take work to encode)
+
+    @property
+    def encode_cost(self) -> int:
+        """Roughly how many bytes of work its raw encoding takes: BYTES element by element,
+        fixed-size datatypes one copy (counted as none)."""
+        return self.data.size * OBJECT_COST if self.datatype == "BYTES" else 0
 
     @property
     def raw_size(self) -> int:

@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 # Inputs that take more decoding than this (BYTES, typed contents), and BYTES outputs that
 # take more encoding, are converted off the event loop, so one large request cannot hold up
 # health checks and other requests.
-DECODE_OFF_LOOP_BYTES = 256 * 1024
-# What a BYTES element costs to encode, against a byte: a Python object each.
-_ELEMENT_COST = 8
+OFF_LOOP_BYTES = 256 * 1024
 # How long unloading waits for the runtime's running executions and its own release.
 RUNTIME_STOP_TIMEOUT_S = 30.0
 
@@ -102,14 +100,14 @@ class ModelVersion:
         """Make the raw encoding of BYTES outputs (element by element), off the event loop
         when they are large; fixed-size outputs are one copy when the response is sent."""
         strings = [tensor for tensor in tensors if tensor.datatype == "BYTES"]
-        if sum(tensor.data.size for tensor in strings) * _ELEMENT_COST > DECODE_OFF_LOOP_BYTES:
+        if sum(tensor.encode_cost for tensor in strings) > OFF_LOOP_BYTES:
             await asyncio.to_thread(_encode_now, strings)
         else:
             _encode_now(strings)
         return tensors
 
     async def _decode(self, tensors: list[EncodedTensor]) -> Arrays:
-        if sum(tensor.decode_cost for tensor in tensors) > DECODE_OFF_LOOP_BYTES:
+        if sum(tensor.decode_cost for tensor in tensors) > OFF_LOOP_BYTES:
             return await asyncio.to_thread(self._decode_now, tensors)
         return self._decode_now(tensors)
 

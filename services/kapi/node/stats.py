@@ -83,9 +83,13 @@ class NodeMetrics:
         del self._users[model, version]
         for outcome in ("success", "failure"):
             self.requests.remove(model, version, outcome)
-        for family in (self.request_seconds, self.queue_seconds, self.compute_seconds):
+        for family in (
+            self.request_seconds,
+            self.queue_seconds,
+            self.compute_seconds,
+            self.batch_size,
+        ):
             family.remove(model, version)
-        self.batch_size.remove(model, version)
 
 
 class ModelStats:

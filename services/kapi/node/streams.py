@@ -45,7 +45,8 @@ async def answer_stream(
             async for request in requests:
                 await window.acquire()
                 if dataplane.draining.is_set():  # read as the drain began: not run, no answer
-                    end[:] = end or [Unavailable(DRAINED)]
+                    if not end:
+                        end.append(Unavailable(DRAINED))
                     break
                 answers.put_nowait(_start(dataplane, request))
         except asyncio.CancelledError:

@@ -15,7 +15,7 @@ from kapi.core.errors import InvalidArgument
 from kapi.core.inference import EncodedTensor, InferenceRequest
 from kapi.core.tensors import Tensor, serialize_bytes, to_raw
 from kapi.node import model as model_module
-from kapi.node.model import DECODE_OFF_LOOP_BYTES, ModelVersion
+from kapi.node.model import OFF_LOOP_BYTES, ModelVersion
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
 from kapi.node.stats import ModelStats, NodeMetrics
 from prometheus_client import CollectorRegistry
@@ -74,7 +74,7 @@ async def test_a_small_request_decodes_on_the_loop() -> None:
 
 async def test_a_large_request_decodes_off_the_loop() -> None:
     echo = echo_model()
-    count = DECODE_OFF_LOOP_BYTES // 6 + 1  # 6 bytes on the wire per element
+    count = OFF_LOOP_BYTES // 6 + 1  # 6 bytes on the wire per element
     response = await echo.infer(bytes_request(count))
     assert len(response.outputs[0].data) == count
     assert isinstance(echo.runtime, EchoRuntime)
@@ -105,7 +105,7 @@ async def test_large_typed_contents_decode_off_the_loop() -> None:
     runtime = EchoRuntime(config)
     stats = ModelStats(NodeMetrics(CollectorRegistry()), "echo", "1")
     model = ModelVersion(config, 1, "onnxruntime", runtime, stats)
-    count = DECODE_OFF_LOOP_BYTES // 8 + 1
+    count = OFF_LOOP_BYTES // 8 + 1
     values = [float(v) for v in range(count)]
     request = InferenceRequest(
         "echo", inputs=[EncodedTensor("text", "FP32", (count,), None, values)]
@@ -129,11 +129,11 @@ async def test_large_bytes_outputs_encode_off_the_loop(monkeypatch: pytest.Monke
     monkeypatch.setattr(model_module, "to_raw", recording_to_raw)
     echo = echo_model()
     small = await echo.infer(bytes_request(4), max_response_bytes=2**20)
-    large = await echo.infer(bytes_request(DECODE_OFF_LOOP_BYTES), max_response_bytes=2**30)
+    large = await echo.infer(bytes_request(OFF_LOOP_BYTES), max_response_bytes=2**30)
     await echo.unload(1.0)
 
     assert small.outputs[0].raw == serialize_bytes(np.array([b"ab"] * 4, dtype=np.object_))
     assert large.outputs[0].raw is not None
-    assert len(large.outputs[0].raw) == 6 * DECODE_OFF_LOOP_BYTES
+    assert len(large.outputs[0].raw) == 6 * OFF_LOOP_BYTES
     assert encoded_on[0] is threading.current_thread()
     assert encoded_on[1] is not threading.current_thread()

@@ -132,8 +132,9 @@ def _check_servable(config: mc.ModelConfig) -> None:
         )
     for kind, tensors in (("input", config.input), ("output", config.output)):
         names = [tensor.name for tensor in tensors]
-        for name in sorted({name for name in names if names.count(name) > 1}):
-            raise InvalidArgument(f"model '{config.name}': {kind} '{name}' is declared twice")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidArgument(f"model '{config.name}': {kind} '{twice[0]}' is declared twice")
         for tensor in tensors:
             if tensor.data_type == mc.TYPE_INVALID:  # Triton's rule: declared, so typed
                 raise InvalidArgument(
