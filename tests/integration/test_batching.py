@@ -131,3 +131,21 @@ async def test_a_config_that_batches_such_a_model_runs_its_requests_one_at_a_tim
     assert stats.inference_stats.success.count == 16
     assert stats.execution_count == 16
     assert "'transpose_batched': its outputs do not keep the batch dimension" in main_node.log()
+
+
+def test_a_batch_past_the_largest_preferred_size_runs_without_waiting_out_the_delay(
+    client: grpcclient.InferenceServerClient,
+) -> None:
+    """preferred_batch_size [2, 6] and a one-minute delay: a batch-7 request runs at once,
+    as in Triton (it reaches the largest preferred size); the client's deadline is far
+    shorter than the delay."""
+    data = np.arange(7 * 4, dtype=np.float32).reshape(7, 4)
+    infer_input = grpcclient.InferInput("INPUT0", [7, 4], "FP32")
+    infer_input.set_data_from_numpy(data)
+    result = client.infer("preferred", [infer_input], client_timeout=20)
+
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data + 1.0, strict=True)
+    (stats,) = client.get_inference_statistics("preferred").model_stats
+    assert [(batch.batch_size, batch.compute_infer.count) for batch in stats.batch_stats] == [
+        (7, 1)
+    ]

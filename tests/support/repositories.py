@@ -72,6 +72,17 @@ dynamic_batching {{ max_queue_delay_microseconds: {HELD_DELAY_US} }}
 """
 
 
+# Preferred sizes with a delay no request waits out: what runs, runs by Triton's rules.
+LONG_DELAY_US = 60_000_000
+PREFERRED_CONFIG = f"""
+max_batch_size: 8
+dynamic_batching {{
+  preferred_batch_size: [ 2, 6 ]
+  max_queue_delay_microseconds: {LONG_DELAY_US}
+}}
+"""
+
+
 # A config that asks to batch a model whose outputs do not keep the batch first.
 TRANSPOSE_BATCHED_CONFIG = f"""
 max_batch_size: 8
@@ -116,6 +127,7 @@ def build_main_repository(root: Path) -> models.TinyCnn:
         root, "batching_bytes", models.identity_model("BYTES"), config=BATCHING_BYTES_CONFIG
     )
     models.save_model(root, "held", models.add_constant_model(1.0), config=HELD_CONFIG)
+    models.save_model(root, "preferred", models.add_constant_model(1.0), config=PREFERRED_CONFIG)
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))
     models.save_model(

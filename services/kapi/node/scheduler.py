@@ -233,10 +233,17 @@ class Scheduler:
 
 
 class DynamicBatcher(Scheduler):
-    """Triton's dynamic batcher: a free instance merges queued requests, up to
-    max_batch_size or a preferred size, waiting at most the queue delay counted from the
-    oldest request's arrival. One instance forms a batch at a time, so while every instance
-    is busy, requests pile up into bigger batches."""
+    """Triton's dynamic batcher (core `dynamic_batch_scheduler.cc`): a free instance
+    scans the queue in order and merges requests while they fit, then
+    - runs the largest preferred size it found, unless the oldest request has waited out
+      the queue delay (then it runs all it took);
+    - marks the batch where the next request would pass the largest preferred size, and
+      runs that if nothing larger is preferred;
+    - runs at once when the next request would pass max_batch_size or differs in shape,
+      when the batch reached the largest preferred size, or when the delay is 0 or over;
+    - otherwise waits for more requests, up to the delay counted from the oldest request.
+    Without preferred sizes, max_batch_size is the largest. One instance forms a batch at a
+    time, so while every instance is busy, requests pile up into bigger batches."""
 
     def __init__(
         self,
@@ -249,6 +256,7 @@ class DynamicBatcher(Scheduler):
         self._max = max_batch_size
         self._delay_ns = policy.max_queue_delay_microseconds * 1000
         self._preferred = frozenset(policy.preferred_batch_size)
+        self._max_preferred = max(self._preferred, default=max_batch_size)
         self._gathering = threading.Lock()
         max_queue = policy.default_queue_policy.max_queue_size
         super().__init__(model, runtime, stats, max_queue)
@@ -259,23 +267,35 @@ class DynamicBatcher(Scheduler):
             if first is None:
                 return None
             batch, size = [first], first.batch_size
+            if not self.merges:
+                return batch
+            marked = 1 if size in self._preferred else 0  # jobs up to the best mark (0: none)
             deadline_ns = first.enqueued_ns + self._delay_ns
-            while self.merges and size < self._max and size not in self._preferred:
-                if not self._queue:
-                    remaining_ns = deadline_ns - time.perf_counter_ns()
-                    if remaining_ns <= 0 or self._closed:
+            while True:
+                full = False
+                while self._queue:
+                    job = self._queue[0]
+                    if job.future.done():  # its caller gave up while it was queued
+                        self._queue.popleft()
+                        continue
+                    grown = size + job.batch_size
+                    if grown > self._max_preferred and not marked:
+                        marked = len(batch)
+                    if grown > self._max or job.signature != first.signature:
+                        full = True  # it starts the next batch
                         break
-                    self._ready.wait(min(remaining_ns / 1e9, threading.TIMEOUT_MAX))
-                    continue
-                job = self._queue[0]
-                if job.future.done():
-                    self._queue.popleft()
-                    continue
-                if job.signature != first.signature or size + job.batch_size > self._max:
-                    break  # it starts the next batch
-                batch.append(self._queue.popleft())
-                size += job.batch_size
-            return batch
+                    batch.append(self._queue.popleft())
+                    size = grown
+                    if size in self._preferred:
+                        marked = len(batch)
+                remaining_ns = deadline_ns - time.perf_counter_ns()
+                waited_out = self._delay_ns > 0 and remaining_ns <= 0
+                if marked and not waited_out:
+                    self._queue.extendleft(reversed(batch[marked:]))
+                    return batch[:marked]
+                if full or size >= self._max_preferred or remaining_ns <= 0 or self._closed:
+                    return batch
+                self._ready.wait(min(remaining_ns / 1e9, threading.TIMEOUT_MAX))
 
 
 def _merge(jobs: list[Job]) -> Arrays:
