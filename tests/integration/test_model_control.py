@@ -16,8 +16,10 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from tests.support import models
 from tests.support.clients import expect_error, expect_rpc_error
@@ -43,6 +45,7 @@ def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.save_model(repository, "versioned", models.add_constant_model(1.0))
     models.save_model(repository, "on_demand", models.identity_model("FP32"))
     models.save_model(repository, "metered", models.add_constant_model(1.0))
+    models.save_model(repository, "rest_loaded", models.add_constant_model(1.0))
     models.save_model(repository, "slow_unload", models.add_constant_model(3.0), config=SLOW_CONFIG)
     for version in range(1, MANY_VERSIONS + 1):  # slow to load: a session per version
         models.save_model(
@@ -364,3 +367,27 @@ def test_an_unload_whose_client_gives_up_still_completes(
     assert wait_state(explicit_client, "slow_unload", "UNAVAILABLE") == "unloaded"
     assert series_of(explicit_node.metrics(), "slow_unload") == 0
     assert explicit_client.is_server_ready()
+
+
+def test_load_and_unload_over_rest(explicit_node: RunningNode) -> None:
+    """tritonclient.http's load and unload, on the node's KServe v2 REST API."""
+    url = explicit_node.http_url.removeprefix("http://")
+    with httpclient.InferenceServerClient(url) as rest:
+        rest.load_model("rest_loaded")
+        assert rest.is_model_ready("rest_loaded")
+        rows = {row["name"]: row for row in rest.get_model_repository_index()}
+        assert rows["rest_loaded"]["state"] == "READY"
+
+        rest.unload_model("rest_loaded")
+        assert not rest.is_model_ready("rest_loaded")
+        rows = {row["name"]: row for row in rest.get_model_repository_index()}
+        assert (rows["rest_loaded"]["state"], rows["rest_loaded"]["reason"]) == (
+            "UNAVAILABLE",
+            "unloaded",
+        )
+
+        with pytest.raises(InferenceServerException) as raised:
+            rest.load_model("no_such_model")
+        assert raised.value.status() == "404"
+        assert "no_such_model" in raised.value.message()
+        rest.load_model("rest_loaded")

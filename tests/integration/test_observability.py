@@ -31,8 +31,10 @@ SERVICE = "inference.GRPCInferenceService"
         # Not ready is 400, as the KServe v2 protocol (4xx) and Triton answer it.
         ("/v2/models/triton_latest/versions/1/ready", 400),
         ("/v2/models/no_such_model/ready", 400),
-        # A version that is no number at all is a bad request, with its reason.
-        ("/v2/models/simple/versions/%C2%B2/ready", 400),
+        # A version that is not ASCII digits names no route, as Triton routes it
+        # (`/versions/([0-9]+)`); gRPC answers INVALID_ARGUMENT with the reason.
+        ("/v2/models/simple/versions/%C2%B2/ready", 404),
+        ("/v2/models/simple/versions/x1/ready", 404),
     ],
 )
 def test_http_health(main_node: RunningNode, path: str, status: int) -> None:

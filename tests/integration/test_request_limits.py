@@ -5,6 +5,7 @@ a liveness probe that times out is a pod Kubernetes restarts."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import threading
 from collections.abc import Iterator
 
@@ -174,3 +175,18 @@ def test_a_large_bytes_response_encodes_while_the_node_answers_probes(
     assert failures == []
     assert list(response.outputs[0].shape) == [1, count]
     assert response.raw_output_contents[0] == request.raw_input_contents[0]
+
+
+def test_a_rest_body_over_the_message_limit_is_413(main_node: RunningNode) -> None:
+    """The REST API holds bodies to the same limit as gRPC messages (64 MiB by default),
+    before reading them when the length is declared, and once decompressed."""
+    url = main_node.http_url + "/v2/models/identity_wide/infer"
+    big = httpx.post(url, content=bytes(65 * 2**20), timeout=60)
+    assert big.status_code == 413
+    assert "over the node's limit of 67108864 bytes" in big.json()["error"]
+
+    bomb = gzip.compress(bytes(80 * 2**20))  # 80 KiB that inflate to 80 MiB
+    inflated = httpx.post(url, content=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+    assert inflated.status_code == 413
+    assert "decompressed" in inflated.json()["error"]
+    assert main_node.is_ready()

@@ -42,10 +42,10 @@ class FailedPrecondition(KapiError):
 
 
 class ResourceExhausted(KapiError):
-    """Too large, or a queue is full."""
+    """A request or response too large for the node's limits."""
 
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 429
+    http_status = 413
 
 
 class Unavailable(KapiError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kapi.core.errors import InvalidArgument
 from kapi.core.tensors import OBJECT_COST, Tensor, element_count, from_raw, from_values
 
 Parameter = bool | int | float | str
@@ -22,7 +23,7 @@ class EncodedTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    raw: bytes | None = None
+    raw: bytes | memoryview | None = None  # a view into the request body, where it can be
     values: Sequence[object] = ()
     parameters: dict[str, Parameter] = field(default_factory=dict)
 
@@ -52,6 +53,20 @@ class RequestLimits:
     inputs: int
     outputs: int
     parameters: int = 8  # more than kapi knows in any one map (six request parameters)
+
+
+def check_counts(model: str, inputs: int, outputs: int, limits: RequestLimits) -> None:
+    """Refuse a request naming far more inputs or outputs than its model has, unread."""
+    if inputs > limits.inputs:
+        raise InvalidArgument(
+            f"model '{model}': {inputs} inputs in the request, more than {limits.inputs}, far "
+            "more than the model takes"
+        )
+    if outputs > limits.outputs:
+        raise InvalidArgument(
+            f"model '{model}': {outputs} outputs requested, more than {limits.outputs}, far "
+            "more than the model has; request each output once"
+        )
 
 
 @dataclass(frozen=True, slots=True)

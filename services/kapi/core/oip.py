@@ -13,6 +13,7 @@ from kapi.core.inference import (
     Parameter,
     RequestedOutput,
     RequestLimits,
+    check_counts,
 )
 from kapi.core.tensors import DATATYPES, check_shape, to_raw
 
@@ -36,7 +37,7 @@ CONTENTS_FIELD = {
 def request_from_proto(message: pb.ModelInferRequest, limits: RequestLimits) -> InferenceRequest:
     """The request with its inputs still encoded: headers are checked here, within the
     model's `limits`, and contents are decoded only once the model has checked them."""
-    _check_counts(message, limits)
+    check_counts(message.model_name, len(message.inputs), len(message.outputs), limits)
     raw = message.raw_input_contents
     if raw and len(raw) != len(message.inputs):
         raise InvalidArgument(
@@ -62,20 +63,6 @@ def request_from_proto(message: pb.ModelInferRequest, limits: RequestLimits) -> 
         outputs=outputs,
         parameters=parameters_from_proto(message.parameters, limits.parameters, "the request"),
     )
-
-
-def _check_counts(message: pb.ModelInferRequest, limits: RequestLimits) -> None:
-    model = message.model_name
-    if len(message.inputs) > limits.inputs:
-        raise InvalidArgument(
-            f"model '{model}': {len(message.inputs)} inputs in the request, more than "
-            f"{limits.inputs}, far more than the model takes"
-        )
-    if len(message.outputs) > limits.outputs:
-        raise InvalidArgument(
-            f"model '{model}': {len(message.outputs)} outputs requested, more than "
-            f"{limits.outputs}, far more than the model has; request each output once"
-        )
 
 
 def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:

@@ -95,12 +95,12 @@ def check_shape(name: str, shape: tuple[int, ...] | list[int]) -> tuple[int, ...
     return tuple(shape)
 
 
-def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> Tensor:
+def from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview) -> Tensor:
     """Decode one tensor from its raw row-major bytes, without copying where possible."""
     dtype = _dtype(name, datatype)
     count = element_count(shape)
     if datatype == "BYTES":
-        array = deserialize_bytes(name, raw, count)
+        array = deserialize_bytes(name, bytes(raw), count)
     else:
         check_raw_size(name, datatype, shape, len(raw))
         array = np.frombuffer(raw, dtype=dtype)
@@ -172,32 +172,50 @@ def serialize_bytes(array: npt.NDArray[np.generic]) -> bytes:
     return b"".join(chunks)
 
 
+class BytesCountError(InvalidArgument):
+    """BYTES raw contents that hold another number of elements than the shape has; `given`
+    is None when there are more (the parse stops at the expected count)."""
+
+    def __init__(self, message: str, name: str, expected: int, given: int | None) -> None:
+        super().__init__(message)
+        self.name, self.expected, self.given = name, expected, given
+
+
 def deserialize_bytes(name: str, raw: bytes, count: int) -> npt.NDArray[np.object_]:
     """`count` length-prefixed elements. The parse stops as soon as the contents prove to
-    hold more or fewer than `count`, so a malformed request costs at most `count` steps."""
+    hold more or fewer than `count`, so a malformed request costs at most `count` steps, and
+    nothing is allocated for elements the contents do not hold."""
     size = len(raw)
-    if size < _LENGTH.size * count:  # every element takes at least its 4-byte length
-        raise InvalidArgument(
-            f"input '{name}': {size} bytes of BYTES contents cannot hold the {count} "
-            "elements its shape has (each takes 4 bytes or more)"
-        )
-    array = np.empty(count, dtype=np.object_)
+    items: list[bytes] = []
     offset = 0
-    for index in range(count):
+    while offset < size:
+        if len(items) == count:
+            raise BytesCountError(
+                f"input '{name}': BYTES contents go on past the {count} elements its shape has",
+                name,
+                count,
+                None,
+            )
         if offset + 4 > size:
             raise InvalidArgument(
-                f"input '{name}': {index} BYTES elements, expected {count} for its shape"
+                f"input '{name}': incomplete string length indicator at offset {offset}, "
+                f"expecting 4 bytes but only {size - offset} bytes available"
             )
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += 4
         if offset + length > size:
             raise InvalidArgument(f"input '{name}': BYTES element truncated at offset {offset}")
-        array[index] = raw[offset : offset + length]
+        items.append(raw[offset : offset + length])
         offset += length
-    if offset != size:
-        raise InvalidArgument(
-            f"input '{name}': BYTES contents go on past the {count} elements its shape has"
+    if len(items) != count:
+        raise BytesCountError(
+            f"input '{name}': {len(items)} BYTES elements, expected {count} for its shape",
+            name,
+            count,
+            len(items),
         )
+    array = np.empty(count, dtype=np.object_)
+    array[:] = items
     return array
 
 

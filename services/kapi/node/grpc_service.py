@@ -17,9 +17,8 @@ from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument, Unimplemented, as_kapi_error
 from kapi.core.inference import Parameter
 from kapi.core.oip import request_from_proto, response_to_proto
+from kapi.node import responses
 from kapi.node.dataplane import DataPlane
-from kapi.node.runtimes import TensorSpec
-from kapi.node.stats import Duration, ModelStats
 from kapi.node.streams import answer_stream
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -135,24 +134,13 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
-        versions, platform, inputs, outputs = self.dataplane.model_metadata(
-            request.name, request.version
-        )
-        return pb.ModelMetadataResponse(
-            name=request.name,
-            versions=versions,
-            platform=platform,
-            inputs=[_tensor_metadata(spec) for spec in inputs],
-            outputs=[_tensor_metadata(spec) for spec in outputs],
-        )
+        return responses.model_metadata(self.dataplane, request.name, request.version)
 
     @rpc
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
-        response = pb.ModelConfigResponse()
-        response.config.CopyFrom(self.dataplane.model_config(request.name, request.version))
-        return response
+        return responses.model_config(self.dataplane, request.name, request.version)
 
     @rpc
     async def ModelInfer(
@@ -175,22 +163,14 @@ class InferenceServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
-        response = pb.ModelStatisticsResponse()
-        for name, version, stats in self.dataplane.statistics(request.name, request.version):
-            _fill_statistics(response.model_stats.add(name=name, version=version), stats)
-        return response
+        return responses.statistics(self.dataplane, request.name, request.version)
 
     @rpc
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
         _check_repository_name(request.repository_name)
-        response = pb.RepositoryIndexResponse()
-        for row in self.dataplane.index(request.ready):
-            response.models.add(
-                name=row.name, version=row.version, state=row.state, reason=row.reason
-            )
-        return response
+        return responses.repository_index(self.dataplane, request.ready)
 
     @rpc
     async def RepositoryModelLoad(
@@ -221,28 +201,3 @@ def _repository_parameters(parameters: Any) -> dict[str, Parameter | bytes]:
 def _check_repository_name(name: str) -> None:
     if name:  # Triton's words
         raise Unimplemented("'repository_name' specification is not supported")
-
-
-def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
-    return pb.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=spec.datatype, shape=spec.shape
-    )
-
-
-def _duration(target: pb.StatisticDuration, source: Duration) -> None:
-    target.count, target.ns = source.count, source.ns
-
-
-def _fill_statistics(target: pb.ModelStatistics, stats: ModelStats) -> None:
-    target.last_inference = stats.last_inference_ms
-    target.inference_count = stats.inference_count
-    target.execution_count = stats.execution_count
-    infer = target.inference_stats
-    for field in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        _duration(getattr(infer, field), getattr(stats, field))
-    for size in sorted(stats.batches):
-        durations = stats.batches[size]
-        batch = target.batch_stats.add(batch_size=size)
-        _duration(batch.compute_input, durations.compute_input)
-        _duration(batch.compute_infer, durations.compute_infer)
-        _duration(batch.compute_output, durations.compute_output)

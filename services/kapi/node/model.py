@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument
 from kapi.core.inference import EncodedTensor, InferenceRequest, InferenceResponse
-from kapi.core.tensors import Tensor, datatype_of, to_raw
+from kapi.core.tensors import BytesCountError, Tensor, datatype_of, to_raw
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats
-from kapi.node.validation import RequestValidator
+from kapi.node.validation import RequestValidator, bytes_count_error
 
 log = logging.getLogger(__name__)
 # Inputs that take more decoding than this (BYTES, typed contents), and BYTES outputs that
@@ -113,7 +114,11 @@ class ModelVersion:
 
     def _decode_now(self, tensors: list[EncodedTensor]) -> Arrays:
         """Decode and convert for the runtime; an input it cannot take fails this request."""
-        return {t.name: self.runtime.prepare_input(t.name, t.decode().data) for t in tensors}
+        try:
+            return {t.name: self.runtime.prepare_input(t.name, t.decode().data) for t in tensors}
+        except BytesCountError as exc:  # Triton's words, then kapi's
+            error = bytes_count_error(self.name, exc.name, exc.expected, exc.given)
+            raise InvalidArgument(f"{error.message} ({exc.message})") from exc
 
     async def unload(self, drain_timeout_s: float) -> None:
         """Wait for in-flight requests (up to the timeout), then free the runtime, waiting

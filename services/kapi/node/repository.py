@@ -157,7 +157,7 @@ class ModelRepository:
         """The version to serve: the one named, or the highest loaded."""
         entry = self._models.get(name)
         if entry is None:
-            raise NotFound(f"unknown model '{name}'")
+            raise NotFound(f"Request for unknown model: '{name}' is not found")  # Triton's words
         number = parse_version(version) if version else None
         if version and number is None:  # as Triton words it
             raise InvalidArgument(
@@ -165,13 +165,17 @@ class ModelRepository:
                 "version should be an integral value > 0"
             )
         if not entry.versions:
-            raise Unavailable(f"model '{name}' is not ready: {entry.state} {entry.reason}".rstrip())
+            raise Unavailable(  # Triton's words, then the model's state (it may come back)
+                f"Request for unknown model: '{name}' has no available versions; it is "
+                f"{entry.state} {entry.reason}".rstrip()
+            )
         if number is None:
             return entry.versions[max(entry.versions)]
         loaded = entry.versions.get(number)
         if loaded is None:
-            raise NotFound(
-                f"model '{name}' has no version '{version}', loaded: {sorted(entry.versions)}"
+            raise NotFound(  # Triton's words, then the versions there are
+                f"Request for unknown model: '{name}' version {version} is not found; "
+                f"loaded: {sorted(entry.versions)}"
             )
         return loaded
 

@@ -32,7 +32,7 @@ from kapi.core.errors import KapiError, NotFound
 from kapi.core.metrics import metrics_app
 from kapi.node.dataplane import DataPlane
 from kapi.node.grpc_service import SERVICE, InferenceServicer
-from kapi.node.http import health_app
+from kapi.node.http import rest_app
 from kapi.node.repository import ModelRepository
 from kapi.node.settings import NodeSettings
 from kapi.node.stats import NodeMetrics
@@ -103,7 +103,7 @@ class NodeServer:
         sockets = [self._bind("HTTP", self.settings.http_port)]
         sockets.append(self._bind("metrics", self.settings.metrics_port))
         http_servers = [
-            self._http_server(health_app(self.dataplane)),
+            self._http_server(rest_app(self.dataplane, self.settings.max_message_bytes)),
             self._http_server(metrics_app(self.registry)),
         ]
         await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
@@ -187,7 +187,7 @@ class NodeServer:
         return sock
 
     def _http_server(self, app: ASGIApp) -> uvicorn.Server:
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", http="httptools")
         return _QuietServer(config)
 
     def _install_signal_handlers(self) -> None:

@@ -108,7 +108,7 @@ class RequestValidator:
             )
         self._check_shape(spec, tensor)
         check_input_parameters(self.model, tensor)
-        _check_contents(tensor)
+        _check_contents(self.model, tensor)
         return tensor.shape[0] if self.max_batch_size > 0 else 0
 
     def _check_shape(self, spec: mc.ModelInput, tensor: EncodedTensor) -> None:
@@ -132,11 +132,28 @@ class RequestValidator:
             )
 
 
-def _check_contents(tensor: EncodedTensor) -> None:
+def bytes_count_error(model: str, name: str, expected: int, given: int | None) -> InvalidArgument:
+    """Triton's words for BYTES contents that hold too few or too many elements (`given`
+    None: more than expected, where the count stopped)."""
+    if given is None:
+        return InvalidArgument(
+            f"unexpected number of string elements for inference input '{name}' for model "
+            f"'{model}', expecting {expected}: the contents hold more"
+        )
+    return InvalidArgument(
+        f"expected {expected} string elements for inference input '{name}' for model "
+        f"'{model}', got {given}"
+    )
+
+
+def _check_contents(model: str, tensor: EncodedTensor) -> None:
     """The contents hold the shape's element count; BYTES raw contents are counted as they
     decode, which stops at that count."""
     if tensor.raw is None:
-        if len(tensor.values) != tensor.element_count:
+        given, expected = len(tensor.values), tensor.element_count
+        if tensor.datatype == "BYTES" and given != expected:
+            raise bytes_count_error(model, tensor.name, expected, given)
+        if given != expected:
             raise InvalidArgument(
                 f"input '{tensor.name}': {len(tensor.values)} elements in contents, expected "
                 f"{tensor.element_count} for shape {list(tensor.shape)}"

@@ -14,7 +14,7 @@ from kapi.core import errors
         (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, 400),
         (errors.NotFound, grpc.StatusCode.NOT_FOUND, 404),
         (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, 400),
-        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
         (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
         (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED, 501),
         (errors.InternalError, grpc.StatusCode.INTERNAL, 500),

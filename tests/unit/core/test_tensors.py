@@ -10,6 +10,7 @@ import pytest
 from kapi.core.errors import InvalidArgument, KapiError
 from kapi.core.tensors import (
     DATATYPES,
+    BytesCountError,
     Tensor,
     check_shape,
     datatype_of,
@@ -230,9 +231,11 @@ def test_more_bytes_elements_than_the_shape_has(shape: tuple[int, ...]) -> None:
         from_raw("text", "BYTES", shape, BYTES_WIRE)
 
 
-def test_too_few_bytes_for_the_shape_are_refused_before_parsing() -> None:
-    with pytest.raises(InvalidArgument, match="24 bytes of BYTES contents cannot hold the 7"):
-        from_raw("text", "BYTES", (7,), bytes(24))
+def test_a_huge_shape_with_few_bytes_allocates_nothing_for_the_missing_elements() -> None:
+    """A trillion elements declared, six sent: counted as sent (Triton names the count),
+    with nothing allocated for the shape (a trillion slots would not fit in memory)."""
+    with pytest.raises(BytesCountError, match="6 BYTES elements, expected 1000000000000"):
+        from_raw("text", "BYTES", (10**12,), bytes(24))
 
 
 def test_a_malformed_bytes_tensor_stops_parsing_at_its_shapes_count() -> None:
