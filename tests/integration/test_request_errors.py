@@ -333,16 +333,6 @@ def test_tritonclient_priority_and_timeout_are_refused(
     )
 
 
-def test_a_classification_output_is_unimplemented(client: grpcclient.InferenceServerClient) -> None:
-    outputs = [grpcclient.InferRequestedOutput("OUTPUT0", class_count=3)]
-    expect_error(
-        lambda: client.infer("simple", simple_inputs(), outputs=outputs),
-        "StatusCode.UNIMPLEMENTED",
-        "'OUTPUT0'",
-        "'classification'",
-    )
-
-
 def test_an_unknown_output_parameter_is_invalid(
     stub: service_pb2_grpc.GRPCInferenceServiceStub,
 ) -> None:

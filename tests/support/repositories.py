@@ -83,6 +83,20 @@ dynamic_batching {{
 """
 
 
+# Classification: five classes, four labels (the fifth class has none).
+CLASSIFIER_LABELS = ["cat", "dog", "bird", "fish"]
+CLASSIFIER_CONFIG = """
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 5 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 5 ] label_filename: "labels.txt" } ]
+"""
+UNBATCHED_CLASSIFIER_CONFIG = """
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ 2, 3 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 2, 3 ] } ]
+"""
+
+
 # A config that asks to batch a model whose outputs do not keep the batch first.
 TRANSPOSE_BATCHED_CONFIG = f"""
 max_batch_size: 8
@@ -128,6 +142,16 @@ def build_main_repository(root: Path) -> models.TinyCnn:
     )
     models.save_model(root, "held", models.add_constant_model(1.0), config=HELD_CONFIG)
     models.save_model(root, "preferred", models.add_constant_model(1.0), config=PREFERRED_CONFIG)
+    models.save_model(
+        root, "classifier", models.identity_model("FP32", ("batch", 5)), config=CLASSIFIER_CONFIG
+    )
+    (root / "classifier" / "labels.txt").write_text("\n".join(CLASSIFIER_LABELS) + "\n")
+    models.save_model(
+        root,
+        "classifier_unbatched",
+        models.identity_model("INT32", (2, 3)),
+        config=UNBATCHED_CLASSIFIER_CONFIG,
+    )
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))
     models.save_model(

@@ -22,7 +22,13 @@ from kapi.node.stats import ModelStats
 
 SERVER_NAME = "kapi"
 # The OIP extensions kapi implements, in Triton's spelling.
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
+EXTENSIONS = (
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "binary_tensor_data",
+)
 
 
 class DataPlane:

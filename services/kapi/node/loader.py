@@ -13,6 +13,7 @@ import numpy.typing as npt
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, InvalidArgument, KapiError
 from kapi.core.tensors import NUMPY_DTYPES
+from kapi.node.classification import read_labels
 from kapi.node.config import (
     autocompletes_batching,
     check_tensor_types,
@@ -63,11 +64,12 @@ async def load_version(
         complete_config(config, inputs, outputs, default_max_batch_size, merges)
         config.backend = config.backend or runtime_name
         config.platform = config.platform or PLATFORM_OF[runtime_name]
+        labels = read_labels(model_dir, config)
         stats = ModelStats(metrics, config.name, str(version))
     except BaseException:
         await runtime.unload()
         raise
-    return ModelVersion(config, version, runtime_name, runtime, stats, merges is not False)
+    return ModelVersion(config, version, runtime_name, runtime, stats, merges is not False, labels)
 
 
 async def _load_runtime(runtime: Runtime, model: str, version: int, runtime_name: str) -> None:

@@ -14,6 +14,7 @@ from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument
 from kapi.core.inference import EncodedTensor, InferenceRequest, InferenceResponse
 from kapi.core.tensors import BytesCountError, Tensor, datatype_of, to_raw
+from kapi.node.classification import classify
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats
@@ -39,8 +40,10 @@ class ModelVersion:
         runtime: Runtime,
         stats: ModelStats,
         merges: bool = True,
+        labels: dict[str, list[str]] | None = None,
     ) -> None:
         self.config = config
+        self.labels = labels or {}  # output -> class labels, for classification
         self.name = config.name
         self.version = version
         self.platform = PLATFORM_OF[runtime_name]
@@ -82,6 +85,10 @@ class ModelVersion:
                 future=asyncio.get_running_loop().create_future(),
             )
             outputs = await self.scheduler.submit(job)
+            for name, count in checked.classifications.items():
+                outputs[name] = classify(
+                    outputs[name], count, self.config.max_batch_size > 0, self.labels.get(name, [])
+                )
             tensors = await self._encode([_tensor(name, outputs[name]) for name in job.outputs])
             if max_response_bytes:
                 self.validator.check_response_size(tensors, max_response_bytes)

@@ -1,8 +1,9 @@
 """Request, input and output parameters: what kapi honours and what it refuses.
 
 Triton gives some parameter names a meaning (priority, timeout, sequences, classification,
-shared memory). kapi answers each one it does not implement with UNIMPLEMENTED, naming it,
-rather than accepting it and giving a different answer than Triton would. A parameter at
+shared memory). kapi honours classification; it answers each one it does not implement
+with UNIMPLEMENTED, naming it, rather than accepting it and giving a different answer than
+Triton would. A parameter at
 its default value asks for nothing, so it is honoured. Any other name is INVALID_ARGUMENT:
 kapi's runtimes take no custom parameters, and a typo must not pass unseen.
 """
@@ -24,10 +25,7 @@ _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
     "triton_enable_empty_final_response": (bool, False, "decoupled models"),
 }
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-_OUTPUT = {
-    "classification": "classification outputs (class_count)",
-    **{name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY},
-}
+_OUTPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
 _INPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
 
 
@@ -56,8 +54,19 @@ def check_input_parameters(model: str, tensor: EncodedTensor) -> None:
     _check_tensor(f"model '{model}': input '{tensor.name}'", tensor.parameters, _INPUT)
 
 
-def check_output_parameters(model: str, output: RequestedOutput) -> None:
-    _check_tensor(f"model '{model}': requested output '{output.name}'", output.parameters, _OUTPUT)
+def check_output_parameters(model: str, output: RequestedOutput) -> int:
+    """The output's `classification` count (0: none asked); any other parameter is refused."""
+    parameters = dict(output.parameters)
+    count = parameters.pop("classification", 0)
+    # Triton's words, for its types: an int64 (a bool is no count), more than 0.
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise InvalidArgument(
+            "invalid value type for 'classification' parameter, expected int64_param"
+        )
+    if "classification" in output.parameters and count <= 0:
+        raise InvalidArgument("invalid value for 'classification' parameter, expected >= 0")
+    _check_tensor(f"model '{model}': requested output '{output.name}'", parameters, _OUTPUT)
+    return count
 
 
 def _check_tensor(where: str, parameters: Mapping[str, Parameter], known: dict[str, str]) -> None:

@@ -10,6 +10,7 @@ from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, ResourceExhausted
 from kapi.core.inference import EncodedTensor, InferenceRequest, RequestedOutput, RequestLimits
 from kapi.core.tensors import Tensor, check_raw_size
+from kapi.node.classification import CLASSIFIABLE
 from kapi.node.config import oip_datatype
 from kapi.node.parameters import (
     check_input_parameters,
@@ -30,6 +31,7 @@ class CheckedRequest:
 
     inputs: list[EncodedTensor]
     outputs: list[str]
+    classifications: dict[str, int]  # output -> top k to return as classes
     batch_size: int  # 0 for a model that does not batch
     signature: Signature  # requests merge only when their non-batch shapes agree
 
@@ -42,6 +44,7 @@ class RequestValidator:
         self.max_batch_size = config.max_batch_size
         self._inputs = {tensor.name: tensor for tensor in config.input}
         self._outputs = [tensor.name for tensor in config.output]
+        self._output_types = {t.name: oip_datatype(t.data_type) for t in config.output}
         # Past these counts a request is refused unread; below them, with room for a few
         # mistakes, check() names the input or output that is wrong.
         self.limits = RequestLimits(2 * len(self._inputs) + 8, 2 * len(self._outputs) + 8)
@@ -68,9 +71,11 @@ class RequestValidator:
                 f"model '{self.model}': inputs disagree on batch size {sorted(batch_sizes)}"
             )
         signature = tuple(sorted((t.name, t.datatype, t.shape[1:]) for t in request.inputs))
+        outputs, classifications = self._check_outputs(request.outputs)
         return CheckedRequest(
             inputs=list(given.values()),
-            outputs=self._check_outputs(request.outputs),
+            outputs=outputs,
+            classifications=classifications,
             batch_size=batch_sizes.pop() if self.max_batch_size > 0 and batch_sizes else 0,
             signature=signature,
         )
@@ -86,18 +91,27 @@ class RequestValidator:
                 f"(KAPI_NODE_MAX_MESSAGE_BYTES); request fewer rows or fewer outputs"
             )
 
-    def _check_outputs(self, requested: list[RequestedOutput]) -> list[str]:
-        """The outputs to return, each once: as in Triton, an output requested twice
-        comes back once."""
+    def _check_outputs(self, requested: list[RequestedOutput]) -> tuple[list[str], dict[str, int]]:
+        """The outputs to return, each once (as in Triton, an output requested twice comes
+        back once, with its first parameters), and those to return as classes."""
         if not requested:
-            return list(self._outputs)
+            return list(self._outputs), {}
+        classifications: dict[str, int] = {}
         for output in requested:
             if output.name not in self._outputs:
                 raise InvalidArgument(
                     f"model '{self.model}' has no output '{output.name}', expected {self._outputs}"
                 )
-            check_output_parameters(self.model, output)
-        return list(dict.fromkeys(output.name for output in requested))
+            count = check_output_parameters(self.model, output)
+            datatype = self._output_types[output.name]
+            if count and datatype not in CLASSIFIABLE:  # Triton's words
+                raise InvalidArgument(
+                    f"class result not available for output '{output.name}' due to "
+                    f"unsupported type '{datatype}'"
+                )
+            if count:
+                classifications.setdefault(output.name, count)
+        return list(dict.fromkeys(output.name for output in requested)), classifications
 
     def _check_input(self, spec: mc.ModelInput, tensor: EncodedTensor) -> int:
         expected_type = oip_datatype(spec.data_type)

@@ -47,7 +47,7 @@ _RULES: Rules = {
     },
     "output": {
         **dict.fromkeys(("name", "data_type", "dims"), "act"),
-        "label_filename": "ignore",  # read only for classification, which requests refuse
+        "label_filename": "act",  # the labels of classification results
         **dict.fromkeys(("reshape", "is_shape_tensor", "is_non_linear_format_io"), "refuse"),
     },
     "dynamic_batching": {
