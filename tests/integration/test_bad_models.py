@@ -251,12 +251,23 @@ def test_a_model_asked_for_at_start_that_is_not_there_keeps_the_node_not_ready(
     assert ready_once_unloaded
 
 
-def test_names_that_cannot_be_models_are_not_found(
+def test_names_that_cannot_be_models_are_refused_or_not_found(
     broken_repository: Path, start_kapi_node: NodeFactory
 ) -> None:
+    """A name no directory can have is INVALID_ARGUMENT (a path traversal in Triton's
+    words); one that could be and is not there is NOT_FOUND to load, and a no-op to unload,
+    as in Triton."""
     node = start_kapi_node(broken_repository, explicit=True, load_models=[GOOD])
     with grpcclient.InferenceServerClient(node.grpc_url) as client:
-        for name in ("x" * 5000, "a\x00b", "../good", ".hidden"):
+        for name in ("a\x00b", "../good"):
+            for call in (client.load_model, client.unload_model):
+                expect_error(
+                    lambda name=name, call=call: call(name),
+                    "StatusCode.INVALID_ARGUMENT",
+                    "must not contain path traversal characters",
+                )
+        for name in ("x" * 5000, ".hidden"):
             expect_error(lambda name=name: client.load_model(name), "StatusCode.NOT_FOUND")
-            expect_error(lambda name=name: client.unload_model(name), "StatusCode.NOT_FOUND")
+            client.unload_model(name)
+        assert client.is_server_ready()
     assert "Traceback" not in node.log()

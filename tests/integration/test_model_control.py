@@ -5,12 +5,15 @@ default mode load and unload are refused."""
 from __future__ import annotations
 
 import functools
+import json
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,6 +49,8 @@ def explicit_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models.save_model(repository, "on_demand", models.identity_model("FP32"))
     models.save_model(repository, "metered", models.add_constant_model(1.0))
     models.save_model(repository, "rest_loaded", models.add_constant_model(1.0))
+    models.save_model(repository, "overridden", models.add_constant_model(1.0))
+    models.save_model(repository, "overridable", models.add_constant_model(1.0))
     models.save_model(repository, "slow_unload", models.add_constant_model(3.0), config=SLOW_CONFIG)
     for version in range(1, MANY_VERSIONS + 1):  # slow to load: a session per version
         models.save_model(
@@ -144,13 +149,30 @@ def test_load_of_a_corrupt_model_fails_and_says_why(
     assert explicit_client.is_server_ready()
 
 
-def test_load_and_unload_of_unknown_models_are_not_found(
+def test_loading_an_unknown_model_is_not_found_and_unloading_one_is_a_no_op(
     explicit_client: grpcclient.InferenceServerClient,
 ) -> None:
+    expect_error(
+        lambda: explicit_client.load_model("no_such_model"), "StatusCode.NOT_FOUND", "no_such_model"
+    )
+    explicit_client.unload_model("no_such_model")  # as Triton: OK, nothing to unload
+    explicit_client.unload_model("never_loaded")
+    assert index_states(explicit_client)["never_loaded"][1:] == ("UNAVAILABLE", "")
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("", "Model name cannot be empty. Please enter a valid name to deploy."),
+        ("..", "invalid model name '..', model name must not contain path traversal characters"),
+        ("../explicit", "must not contain path traversal characters"),
+    ],
+)
+def test_a_model_name_that_is_no_name_is_invalid_in_tritons_words(
+    explicit_client: grpcclient.InferenceServerClient, name: str, words: str
+) -> None:
     for call in (explicit_client.load_model, explicit_client.unload_model):
-        expect_error(
-            functools.partial(call, "no_such_model"), "StatusCode.NOT_FOUND", "no_such_model"
-        )
+        expect_error(functools.partial(call, name), "StatusCode.INVALID_ARGUMENT", words)
 
 
 def test_reload_serves_a_replaced_model_file(
@@ -246,29 +268,107 @@ def test_default_mode_refuses_load_and_unload(client: grpcclient.InferenceServer
     assert client.is_model_ready("simple")
 
 
-def test_load_overrides_are_refused_until_kapi_implements_them(
+def served_config(client: grpcclient.InferenceServerClient, model: str) -> Any:
+    return client.get_model_config(model).config
+
+
+def test_a_config_override_loads_in_place_of_config_pbtxt_until_the_next_load(
     explicit_client: grpcclient.InferenceServerClient,
 ) -> None:
-    """A load that asks for another config or files than the repository holds would load
-    what is on disk instead: refused, naming what was asked for."""
-    override = '{"max_batch_size": 2}'
-    expect_error(
-        lambda: explicit_client.load_model("on_demand", config=override),
-        "StatusCode.UNIMPLEMENTED",
-        "override a config",
+    override = json.dumps(
+        {"max_batch_size": 2, "dynamic_batching": {"max_queue_delay_microseconds": 10}}
     )
+    explicit_client.load_model("overridden", config=override)
+    config = served_config(explicit_client, "overridden")
+    assert config.max_batch_size == 2
+    assert config.dynamic_batching.max_queue_delay_microseconds == 10
+    assert added(explicit_client, "overridden") == 1.0
+
+    explicit_client.load_model("overridden")  # no override: the repository's config again
+    assert served_config(explicit_client, "overridden").max_batch_size == 4
+
+
+def test_a_config_and_files_load_a_model_the_repository_does_not_hold(
+    explicit_repository: Path, explicit_client: grpcclient.InferenceServerClient
+) -> None:
+    model = models.add_constant_model(7.0).SerializeToString()
+    explicit_client.load_model(
+        "uploaded",
+        config=json.dumps({"backend": "onnxruntime"}),
+        files={"file:1/model.onnx": model},
+    )
+    assert added(explicit_client, "uploaded") == 7.0
+    assert not (explicit_repository / "uploaded").exists()
+
+    explicit_client.unload_model("uploaded")
+    assert not explicit_client.is_model_ready("uploaded")
+
+
+@pytest.mark.parametrize(
+    "path", ["../escaped.onnx", "1/../../escaped.onnx", "/tmp/escaped.onnx", "../../../../x"]
+)
+def test_override_files_never_land_outside_their_model_directory(
+    explicit_repository: Path,
+    explicit_client: grpcclient.InferenceServerClient,
+    tmp_path: Path,
+    path: str,
+) -> None:
+    before = set(Path(tempfile.gettempdir()).iterdir())
     expect_error(
         lambda: explicit_client.load_model(
-            "on_demand", config=override, files={"file:1/model.onnx": b"\x08\x07"}
+            "uploaded_bad", config="{}", files={f"file:{path}": b"escape"}
         ),
-        "StatusCode.UNIMPLEMENTED",
-        "override a config and files",
-    )
-    expect_error(  # Triton's words
-        lambda: explicit_client.load_model("on_demand", files={"file:1/model.onnx": b"\x08"}),
         "StatusCode.INVALID_ARGUMENT",
-        "Load parameter 'config' must be specified for model file override",
+        f"Invalid file parameter 'file:{path}' with normalized path",
+        "must stay within model directory.",
     )
+    after = set(Path(tempfile.gettempdir()).iterdir())
+    assert after == before  # no stray file, and no directory left behind
+    assert not list(explicit_repository.parent.rglob("escaped.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("parameters", "words"),
+    [
+        ({"files": {"file:1/model.onnx": b"\x08"}}, "Load parameter 'config' must be specified"),
+        ({"config": "{not json"}, "Invalid config override"),
+        ({"config": '{"name": "other"}'}, "does not match the model 'overridable'"),
+        ({"config": '{"no_such_field": 1}'}, "Invalid config override"),
+    ],
+)
+def test_a_bad_override_is_invalid_and_keeps_what_serves(
+    explicit_client: grpcclient.InferenceServerClient, parameters: dict[str, Any], words: str
+) -> None:
+    explicit_client.load_model("overridable")
+    expect_error(
+        lambda: explicit_client.load_model("overridable", **parameters),
+        "StatusCode.INVALID_ARGUMENT",
+        words,
+    )
+    assert added(explicit_client, "overridable") == 1.0
+
+
+def test_overrides_over_rest(explicit_node: RunningNode) -> None:
+    """tritonclient.http sends the config as JSON text and the files in base64."""
+    url = explicit_node.http_url.removeprefix("http://")
+    model = models.add_constant_model(9.0).SerializeToString()
+    with httpclient.InferenceServerClient(url) as rest:
+        rest.load_model(
+            "uploaded_rest",
+            config=json.dumps({"backend": "onnxruntime", "max_batch_size": 3}),
+            files={"file:1/model.onnx": model},
+        )
+        assert rest.get_model_config("uploaded_rest")["max_batch_size"] == 3
+        data = np.zeros((1, 4), dtype=np.float32)
+        tensor = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+        tensor.set_data_from_numpy(data)
+        result = rest.infer("uploaded_rest", [tensor])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data + 9.0)
+        with pytest.raises(InferenceServerException) as raised:
+            rest.load_model("uploaded_rest", config="{}", files={"file:../x": b"x"})
+        assert raised.value.status() == "400"
+        assert "must stay within model directory" in raised.value.message()
+        rest.unload_model("uploaded_rest")
 
 
 def test_unknown_load_and_unload_parameters_are_invalid(explicit_node: RunningNode) -> None:
@@ -391,3 +491,25 @@ def test_load_and_unload_over_rest(explicit_node: RunningNode) -> None:
         assert raised.value.status() == "404"
         assert "no_such_model" in raised.value.message()
         rest.load_model("rest_loaded")
+
+
+def test_override_parameters_of_the_wrong_type_are_invalid_in_tritons_words(
+    explicit_node: RunningNode,
+) -> None:
+    with grpc.insecure_channel(explicit_node.grpc_url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        config = service_pb2.RepositoryModelLoadRequest(model_name="overridable")
+        config.parameters["config"].bytes_param = b"{}"
+        files = service_pb2.RepositoryModelLoadRequest(model_name="overridable")
+        files.parameters["config"].string_param = "{}"
+        files.parameters["file:1/model.onnx"].string_param = "not bytes"
+        expect_rpc_error(
+            lambda: stub.RepositoryModelLoad(config),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid value type for load parameter 'config', expected string_param.",
+        )
+        expect_rpc_error(
+            lambda: stub.RepositoryModelLoad(files),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid value type for load parameter 'file:1/model.onnx', expected bytes_param.",
+        )

@@ -15,7 +15,7 @@ from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, Unavailable
 from kapi.core.inference import InferenceRequest, InferenceResponse, Parameter, RequestLimits
 from kapi.node.config import oip_datatype
-from kapi.node.parameters import check_load_parameters, check_unload_parameters
+from kapi.node.parameters import check_unload_parameters, load_override
 from kapi.node.repository import IndexEntry, ModelRepository
 from kapi.node.runtimes import TensorSpec
 from kapi.node.stats import ModelStats
@@ -148,8 +148,7 @@ class DataPlane:
 
     async def load(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
-        check_load_parameters(name, parameters)
-        await self._to_the_end(self.repository.load(name))
+        await self._to_the_end(self.repository.load(name, load_override(parameters)))
 
     async def unload(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()

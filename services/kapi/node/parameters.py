@@ -11,6 +11,7 @@ kapi's runtimes take no custom parameters, and a typo must not pass unseen.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from kapi.core.errors import InvalidArgument, Unimplemented
 from kapi.core.inference import EncodedTensor, InferenceRequest, Parameter, RequestedOutput
@@ -79,21 +80,37 @@ def _check_tensor(where: str, parameters: Mapping[str, Parameter], known: dict[s
         raise _unknown(f"{where}: parameter '{name}'")
 
 
-def check_load_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> None:
-    """RepositoryModelLoad loads from the model repository as it is on disk; Triton's
-    overrides (`config`, `file:<version>/<name>`) are refused until kapi implements them."""
-    files = [name for name in parameters if name.startswith("file:")]
-    if files and "config" not in parameters:  # Triton's words
-        raise InvalidArgument("Load parameter 'config' must be specified for model file override")
-    for name in parameters:
-        if name != "config" and not name.startswith("file:"):
+@dataclass(frozen=True, slots=True)
+class LoadOverride:
+    """What RepositoryModelLoad asks to load instead of the repository's files: a config
+    (ModelConfig JSON), and with it, optionally, the model's files by path."""
+
+    config: str
+    files: dict[str, bytes]
+
+
+def load_override(parameters: Mapping[str, Parameter | bytes]) -> LoadOverride | None:
+    """Triton's load parameters (`config`, `file:<path>`), checked in its words."""
+    files: dict[str, bytes] = {}
+    config: str | None = None
+    for name, value in parameters.items():
+        if name == "config":
+            if not isinstance(value, str):
+                raise InvalidArgument(
+                    "invalid value type for load parameter 'config', expected string_param."
+                )
+            config = value
+        elif name.startswith("file:"):
+            if not isinstance(value, bytes):
+                raise InvalidArgument(
+                    f"invalid value type for load parameter '{name}', expected bytes_param."
+                )
+            files[name.removeprefix("file:")] = value
+        else:
             raise InvalidArgument(f"unrecognized load parameter '{name}'")
-    if "config" in parameters:
-        override = "a config and files" if files else "a config"
-        raise Unimplemented(
-            f"model '{model}': load parameters that override {override} are not supported by "
-            "kapi yet; change the model repository and load again"
-        )
+    if files and config is None:
+        raise InvalidArgument("Load parameter 'config' must be specified for model file override")
+    return None if config is None else LoadOverride(config, files)
 
 
 def check_unload_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> None:

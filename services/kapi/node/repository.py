@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from kapi.core.errors import InvalidArgument, NotFound, Unavailable, as_kapi_error
-from kapi.node.config import check_config, parse_version, read_config, select_versions
+from kapi.core._generated.inference import model_config_pb2 as mc
+from kapi.core.errors import InvalidArgument, KapiError, NotFound, Unavailable, as_kapi_error
+from kapi.node.config import (
+    check_config,
+    config_from_json,
+    parse_version,
+    read_config,
+    select_versions,
+)
 from kapi.node.loader import load_version
 from kapi.node.model import ModelVersion
+from kapi.node.parameters import LoadOverride
 from kapi.node.stats import NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,7 @@ class ModelEntry:
     state: State = State.UNAVAILABLE
     reason: str = ""
     versions: dict[int, ModelVersion] = field(default_factory=dict)
+    files_dir: Path | None = None  # the directory of files a load override wrote
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +77,34 @@ class ModelRepository:
             raise Unavailable(f"the model repository {self.root} cannot be read: {exc}") from exc
         return sorted(p.name for p in entries if not p.name.startswith("."))
 
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, override: LoadOverride | None = None) -> None:
         """Load (or reload) a model; raises why it failed, having marked it UNAVAILABLE with
-        that reason (a model that was serving keeps serving its old versions)."""
-        model_dir = self._model_dir(name)
-        if model_dir is None:
-            missing = NotFound(f"model '{name}' is not in the model repository {self.root}")
-            log.error("model failed to load", extra={"model": name, "reason": missing.message})
-            raise missing
+        that reason (a model that was serving keeps serving its old versions). An override
+        loads its config in place of config.pbtxt, and with files, loads from those alone,
+        written into a fresh directory that lives as long as what it loaded."""
+        check_model_name(name)
+        files_dir = None
+        try:
+            if override is not None and override.files:
+                files_dir = _localize(name, override.files)
+                model_dir: Path | None = files_dir
+            else:
+                model_dir = self._model_dir(name)
+            if model_dir is None:
+                raise NotFound(f"model '{name}' is not in the model repository {self.root}")
+            config = config_from_json(name, override.config) if override else None
+        except KapiError as exc:
+            _remove(files_dir)
+            log.error("model failed to load", extra={"model": name, "reason": exc.message})
+            raise
         async with self._locks[name]:
             entry = self._models.setdefault(name, ModelEntry())
             serving = entry.state == State.READY
             entry.state = State.READY if serving else State.LOADING
             try:
-                loaded = await self._load_versions(model_dir)
+                loaded = await self._load_versions(model_dir, config)
             except BaseException as exc:
+                _remove(files_dir)
                 error = as_kapi_error(exc) if isinstance(exc, Exception) else None
                 reason = error.message if error else "the load was cancelled"
                 if not serving:
@@ -90,9 +114,11 @@ class ModelRepository:
                     raise
                 raise error from exc
             old, entry.versions = entry.versions, loaded
+            old_files, entry.files_dir = entry.files_dir, files_dir
             entry.state, entry.reason = State.READY, ""
             log.info("model ready", extra={"model": name, "versions": sorted(loaded)})
             await self._unload_versions(old.values())
+            _remove(old_files)
 
     def record_failure(self, name: str, reason: str) -> None:
         """A model the node was asked to load at start that is not there: UNAVAILABLE with
@@ -100,9 +126,9 @@ class ModelRepository:
         self._models.setdefault(name, ModelEntry(State.UNAVAILABLE, reason))
 
     def _model_dir(self, name: str) -> Path | None:
-        """The model's directory, or None for a name that cannot be one (empty, a path, too
-        long, with a NUL) or that is not in the repository."""
-        if not name or "/" in name or name.startswith("."):
+        """The model's directory, or None for a name that is not in the repository (a
+        hidden name, one too long for the file system)."""
+        if name.startswith("."):
             return None
         try:
             model_dir = self.root / name
@@ -110,8 +136,10 @@ class ModelRepository:
         except (OSError, ValueError):
             return None
 
-    async def _load_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
-        config = read_config(model_dir)
+    async def _load_versions(
+        self, model_dir: Path, config: mc.ModelConfig | None
+    ) -> dict[int, ModelVersion]:
+        config = config or read_config(model_dir)
         check_config(config)
         versions = select_versions(model_dir, config)
         loaded: dict[int, ModelVersion] = {}
@@ -127,16 +155,22 @@ class ModelRepository:
 
     async def unload(self, name: str) -> None:
         """Unload a model. A model that failed to load is unloaded too: it then no longer
-        counts against readiness."""
+        counts against readiness. As in Triton, unloading a model that is not loaded (or not
+        there at all) does nothing, and succeeds."""
+        check_model_name(name)
         if name not in self._models:  # before taking a lock: none is made for unknown names
-            raise NotFound(f"model '{name}' is not loaded")
+            return
         async with self._locks[name]:
             entry = self._models[name]
-            if entry.reason == UNLOADED or entry.state == State.LOADING:
-                raise NotFound(f"model '{name}' is not loaded")
+            if entry.reason == UNLOADED:
+                return
+            if entry.state == State.LOADING:
+                raise Unavailable(f"model '{name}' is loading; unload it once it has loaded")
             entry.state = State.UNLOADING
             old, entry.versions = entry.versions, {}
             await self._unload_versions(old.values())
+            _remove(entry.files_dir)
+            entry.files_dir = None
             entry.state, entry.reason = State.UNAVAILABLE, UNLOADED
 
     async def close(self) -> None:
@@ -201,3 +235,42 @@ class ModelRepository:
     async def _unload_versions(self, versions: Iterable[ModelVersion]) -> None:
         for version in list(versions):
             await version.unload(self._drain_timeout_s)
+
+
+def check_model_name(name: str) -> None:
+    """A model name that can name a directory, in Triton's words when it cannot."""
+    if not name.strip():
+        raise InvalidArgument("Model name cannot be empty. Please enter a valid name to deploy.")
+    if name.strip() in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise InvalidArgument(
+            f"invalid model name '{name}', model name must not contain path traversal characters"
+        )
+
+
+def _localize(name: str, files: dict[str, bytes]) -> Path:
+    """Write a load override's files into a fresh directory, each inside it (Triton's
+    words for one that would land outside); the directory, or nothing, on failure."""
+    root = Path(tempfile.mkdtemp(prefix=f"kapi-{name}-")).resolve()
+    try:
+        for relative, contents in files.items():
+            target = root / relative.replace("\0", "\\0")
+            target = target.resolve()
+            if "\0" in relative or not target.is_relative_to(root) or target == root:
+                raise InvalidArgument(
+                    f"Invalid file parameter 'file:{relative}' with normalized path '{target}' "
+                    "must stay within model directory."
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(contents)
+    except OSError as exc:
+        _remove(root)
+        raise InvalidArgument(f"the files of model '{name}' could not be written: {exc}") from exc
+    except BaseException:
+        _remove(root)
+        raise
+    return root
+
+
+def _remove(directory: Path | None) -> None:
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -261,10 +261,22 @@ def test_select_versions(tmp_path: Path, policy: str, expected: list[int]) -> No
     assert select_versions(model_dir, _policy(policy)) == expected
 
 
-def test_specific_versions_missing_on_disk(tmp_path: Path) -> None:
+def test_specific_versions_missing_on_disk_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As Triton: the versions there load; the others are warned about."""
     model_dir = _versions(tmp_path, "1", "2")
-    with pytest.raises(NotFound, match=r"model 'resnet': versions \[3, 4\] not on disk"):
-        select_versions(model_dir, _policy("version_policy { specific { versions: [1, 4, 3] } }"))
+    policy = _policy("version_policy { specific { versions: [1, 4, 3] } }")
+    caplog.set_level(logging.WARNING, logger="kapi.node.config")
+    assert select_versions(model_dir, policy) == [1]
+    assert "versions [3, 4] of its specific version policy are not in" in caplog.text
+
+
+def test_no_specific_version_on_disk(tmp_path: Path) -> None:
+    model_dir = _versions(tmp_path, "1", "2")
+    policy = _policy("version_policy { specific { versions: [3] } }")
+    with pytest.raises(NotFound, match="at least one version must be available under the"):
+        select_versions(model_dir, policy)
 
 
 @pytest.mark.parametrize("policy", ["", "version_policy { all { } }"])

@@ -8,14 +8,16 @@ load and nothing else.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, NotFound
 from kapi.node.runtimes import FILES, PLATFORMS, RUNTIMES
 
+log = logging.getLogger("kapi.node.config")
 CONFIG_FILE = "config.pbtxt"
 _INT64_DIGITS = len(str(2**63))
 
@@ -38,6 +40,21 @@ def read_config(model_dir: Path) -> mc.ModelConfig:
             f"{path}: name '{config.name}' does not match its directory '{model_dir.name}'"
         )
     config.name = model_dir.name
+    return config
+
+
+def config_from_json(name: str, text: str) -> mc.ModelConfig:
+    """A config given as JSON (RepositoryModelLoad's `config`), in place of config.pbtxt."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config)  # an unknown field is an error, as in Triton
+    except json_format.ParseError as exc:  # Triton's words, then the parser's
+        raise InvalidArgument(f"Invalid config override: {exc}") from exc
+    if config.name and config.name != name:
+        raise InvalidArgument(
+            f"Invalid config override: name '{config.name}' does not match the model '{name}'"
+        )
+    config.name = name
     return config
 
 
@@ -71,10 +88,19 @@ def select_versions(model_dir: Path, config: mc.ModelConfig) -> list[int]:
     if choice == "all":
         chosen = versions
     elif choice == "specific":
-        missing = set(policy.specific.versions) - set(versions)
-        if missing:
-            raise NotFound(f"model '{config.name}': versions {sorted(missing)} not on disk")
-        chosen = sorted(policy.specific.versions)
+        wanted = set(policy.specific.versions)
+        missing = sorted(wanted - set(versions))
+        if missing:  # as Triton: the versions there load, the others are warned about
+            log.warning(
+                "model %r: versions %s of its specific version policy are not in %s",
+                config.name, missing, model_dir,
+            )  # fmt: skip
+        chosen = sorted(wanted & set(versions))
+        if not chosen:  # Triton's words
+            raise NotFound(
+                "at least one version must be available under the version policy of model "
+                f"'{config.name}': none of {sorted(wanted)} is in {model_dir}"
+            )
     else:
         count = policy.latest.num_versions if choice == "latest" else 1
         chosen = versions[-max(count, 1) :]
