@@ -97,6 +97,34 @@ output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 2, 3 ] } ]
 """
 
 
+# Reshape: clients send and get [batch, 4]; the model takes and gives [batch, 2, 2].
+RESHAPE_DATATYPES = ("FP32", "INT64", "BOOL", "BYTES")
+
+
+def reshape_config(datatype: str) -> str:
+    config_type = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    tensor = f"data_type: {config_type} dims: [ 4 ] reshape {{ shape: [ 2, 2 ] }}"
+    return f"""
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: 20000 }}
+input [ {{ name: "INPUT0" {tensor} }} ]
+output [ {{ name: "OUTPUT0" {tensor} }} ]
+"""
+
+
+# A rank-0 model declared [1] without batching, as Triton's ONNX Runtime backend allows.
+SCALAR_CONFIG = """
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 1 ] } ]
+"""
+SCALAR_RESHAPE_CONFIG = """
+max_batch_size: 0
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ 1 ] reshape { shape: [ ] } } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] reshape { shape: [ ] } } ]
+"""
+
+
 # A config that asks to batch a model whose outputs do not keep the batch first.
 TRANSPOSE_BATCHED_CONFIG = f"""
 max_batch_size: 8
@@ -151,6 +179,19 @@ def build_main_repository(root: Path) -> models.TinyCnn:
         "classifier_unbatched",
         models.identity_model("INT32", (2, 3)),
         config=UNBATCHED_CLASSIFIER_CONFIG,
+    )
+    for datatype in RESHAPE_DATATYPES:
+        models.save_model(
+            root,
+            f"reshape_{datatype.lower()}",
+            models.identity_model(datatype, ("batch", 2, 2)),
+            config=reshape_config(datatype),
+        )
+    models.save_model(root, "scalar_batched", models.identity_model("FP32", ("batch",)))
+    models.save_model(root, "scalar", models.identity_model("INT32", ()), config=SCALAR_CONFIG)
+    models.save_model(root, "scalar_auto", models.identity_model("INT32", ()))
+    models.save_model(
+        root, "scalar_reshape", models.identity_model("FP32", ()), config=SCALAR_RESHAPE_CONFIG
     )
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))

@@ -20,6 +20,7 @@ from kapi.node.config import (
     choose_runtime,
     complete_config,
     complete_instance_groups,
+    model_shapes,
 )
 from kapi.node.model import ModelVersion
 from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, TensorSpec, runtime_class
@@ -62,6 +63,7 @@ async def load_version(
         check_tensor_types(config.name, inputs, outputs)
         merges = await _merges(runtime, config, inputs, outputs, default_max_batch_size)
         complete_config(config, inputs, outputs, default_max_batch_size, merges)
+        shapes = model_shapes(config, inputs, outputs)
         config.backend = config.backend or runtime_name
         config.platform = config.platform or PLATFORM_OF[runtime_name]
         labels = read_labels(model_dir, config)
@@ -69,7 +71,9 @@ async def load_version(
     except BaseException:
         await runtime.unload()
         raise
-    return ModelVersion(config, version, runtime_name, runtime, stats, merges is not False, labels)
+    return ModelVersion(
+        config, version, runtime_name, runtime, stats, merges is not False, labels, shapes
+    )
 
 
 async def _load_runtime(runtime: Runtime, model: str, version: int, runtime_name: str) -> None:

@@ -15,6 +15,7 @@ from kapi.core.errors import InvalidArgument
 from kapi.core.inference import EncodedTensor, InferenceRequest, InferenceResponse
 from kapi.core.tensors import BytesCountError, Tensor, datatype_of, to_raw
 from kapi.node.classification import classify
+from kapi.node.config import Shapes
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
 from kapi.node.stats import ModelStats
@@ -41,9 +42,13 @@ class ModelVersion:
         stats: ModelStats,
         merges: bool = True,
         labels: dict[str, list[str]] | None = None,
+        shapes: tuple[Shapes, Shapes] = ({}, {}),
     ) -> None:
         self.config = config
         self.labels = labels or {}  # output -> class labels, for classification
+        # Reshapes (after the batch dimension): inputs to the model's, outputs to the client's.
+        self._to_model, self._to_client = shapes
+        self._batching = config.max_batch_size > 0
         self.name = config.name
         self.version = version
         self.platform = PLATFORM_OF[runtime_name]
@@ -85,9 +90,12 @@ class ModelVersion:
                 future=asyncio.get_running_loop().create_future(),
             )
             outputs = await self.scheduler.submit(job)
+            for name, shape in self._to_client.items():
+                if name in outputs:
+                    outputs[name] = self._reshape(name, outputs[name], shape)
             for name, count in checked.classifications.items():
                 outputs[name] = classify(
-                    outputs[name], count, self.config.max_batch_size > 0, self.labels.get(name, [])
+                    outputs[name], count, self._batching, self.labels.get(name, [])
                 )
             tensors = await self._encode([_tensor(name, outputs[name]) for name in job.outputs])
             if max_response_bytes:
@@ -122,10 +130,25 @@ class ModelVersion:
     def _decode_now(self, tensors: list[EncodedTensor]) -> Arrays:
         """Decode and convert for the runtime; an input it cannot take fails this request."""
         try:
-            return {t.name: self.runtime.prepare_input(t.name, t.decode().data) for t in tensors}
+            arrays = {t.name: t.decode().data for t in tensors}
+            for name, shape in self._to_model.items():
+                if name in arrays:
+                    arrays[name] = self._reshape(name, arrays[name], shape)
+            return {name: self.runtime.prepare_input(name, array) for name, array in arrays.items()}
         except BytesCountError as exc:  # Triton's words, then kapi's
             error = bytes_count_error(self.name, exc.name, exc.expected, exc.given)
             raise InvalidArgument(f"{error.message} ({exc.message})") from exc
+
+    def _reshape(self, name: str, array: np.ndarray[Any, Any], shape: tuple[int, ...]) -> Any:
+        """The config's reshape, after the batch dimension when the model batches."""
+        target = (array.shape[0], *shape) if self._batching and array.ndim else shape
+        try:
+            return array.reshape(target)
+        except ValueError as exc:
+            raise InvalidArgument(
+                f"model '{self.name}': tensor '{name}' of shape {list(array.shape)} cannot take "
+                f"the config's reshape to {list(target)}: {exc}"
+            ) from exc
 
     async def unload(self, drain_timeout_s: float) -> None:
         """Wait for in-flight requests (up to the timeout), then free the runtime, waiting

@@ -358,8 +358,6 @@ def test_string_is_bytes_and_invalid_stays_invalid() -> None:
 @pytest.mark.parametrize(
     ("section", "field"),
     [
-        ("input [ { name: 'x' dims: [ 3 ] reshape { shape: [ 1, 3 ] } } ]", "input[x].reshape"),
-        ("output [ { name: 'y' dims: [ 3 ] reshape { shape: [ 3, 1 ] } } ]", "output[y].reshape"),
         ("input [ { name: 'x' dims: [ -1 ] allow_ragged_batch: true } ]", "input[x].allow_ragged"),
         ("input [ { name: 'x' dims: [ 2 ] is_shape_tensor: true } ]", "input[x].is_shape_tensor"),
         (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from kapi.node.config import (
     check_tensor_types,
     complete_config,
     complete_instance_groups,
+    model_shapes,
     read_config,
 )
 from kapi.node.runtimes import TensorSpec
@@ -37,10 +39,13 @@ def test_a_batchable_model_gets_batching() -> None:
     assert config.HasField("dynamic_batching")
     # Triton's normalization: a dynamic batcher without preferred sizes prefers full batches.
     assert config.dynamic_batching == mc.ModelDynamicBatching(preferred_batch_size=[4])
+    # A scalar row is [1] reshaped to [], as Triton's ONNX Runtime backend completes it.
     assert _tensors(config.input) == [
         ("image", mc.TYPE_FP32, [3, 8, 8]),
-        ("text", mc.TYPE_STRING, []),
+        ("text", mc.TYPE_STRING, [1]),
     ]
+    assert config.input[1].reshape == mc.ModelTensorReshape(shape=[])
+    assert not config.input[0].HasField("reshape")
     assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
 
 
@@ -107,10 +112,13 @@ def test_declared_tensors_are_kept_and_the_rest_added() -> None:
     config = _config('input [ { name: "image" data_type: TYPE_FP32 dims: [ 3, 8, 8 ] } ]')
     complete_config(config, BATCHED_IN, BATCHED_OUT, default_max_batch_size=4)
     assert config.max_batch_size == 4
+    # A scalar row is [1] reshaped to [], as Triton's ONNX Runtime backend completes it.
     assert _tensors(config.input) == [
         ("image", mc.TYPE_FP32, [3, 8, 8]),
-        ("text", mc.TYPE_STRING, []),
+        ("text", mc.TYPE_STRING, [1]),
     ]
+    assert config.input[1].reshape == mc.ModelTensorReshape(shape=[])
+    assert not config.input[0].HasField("reshape")
     assert _tensors(config.output) == [("probs", mc.TYPE_FP16, [10])]
 
 
@@ -247,3 +255,29 @@ def test_a_gpu_runtime_gets_a_gpu_group() -> None:
     config = _config()
     complete_instance_groups(config, Group.KIND_GPU, cpu_count=1)
     assert [(g.name, g.kind, g.count) for g in config.instance_group] == [("m", Group.KIND_GPU, 1)]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "words"),
+    [
+        ("dims: [ 4 ] reshape { shape: [ 3, 3 ] }", "dims [4] (4 elements) but reshape [3, 3]"),
+        ("dims: [ -1 ] reshape { shape: [ -1, -1 ] }", "more than one variable dimension"),
+        ("dims: [ 6 ] reshape { shape: [ 2, 3 ] }", "has reshape [2, 3], but the model takes"),
+    ],
+)
+def test_a_reshape_that_cannot_hold_is_refused(tensor: str, words: str) -> None:
+    config = _config(f'max_batch_size: 2 input [ {{ name: "x" data_type: TYPE_FP32 {tensor} }} ]')
+    model_in = [TensorSpec("x", "FP32", (-1, 2, 2))]
+    with pytest.raises(InvalidArgument, match=re.escape(words)):
+        complete_config(config, model_in, [TensorSpec("y", "FP32", (-1, 4))], 4)
+
+
+def test_model_shapes_name_what_a_reshape_changes() -> None:
+    config = _config(
+        'max_batch_size: 2 input [ { name: "x" data_type: TYPE_FP32 dims: [ 4 ] '
+        "reshape { shape: [ 2, 2 ] } } ]"
+    )
+    model_in = [TensorSpec("x", "FP32", (-1, 2, 2))]
+    model_out = [TensorSpec("y", "FP32", (-1,))]
+    complete_config(config, model_in, model_out, 4)
+    assert model_shapes(config, model_in, model_out) == ({"x": (2, 2)}, {"y": (1,)})

@@ -2,10 +2,12 @@
 complete it from the model as Triton's auto-complete and normalization do."""
 
 from kapi.node.config._complete import (
+    Shapes,
     autocompletes_batching,
     check_tensor_types,
     complete_config,
     complete_instance_groups,
+    model_shapes,
 )
 from kapi.node.config._datatypes import config_datatype, oip_datatype
 from kapi.node.config._fields import check_config
@@ -21,6 +23,7 @@ from kapi.node.config._read import (
 
 __all__ = [
     "CONFIG_FILE",
+    "Shapes",
     "autocompletes_batching",
     "available_versions",
     "check_config",
@@ -30,6 +33,7 @@ __all__ = [
     "complete_instance_groups",
     "config_datatype",
     "config_from_json",
+    "model_shapes",
     "oip_datatype",
     "parse_version",
     "read_config",

@@ -106,23 +106,86 @@ def _complete_tensors(
                 f"model '{model}': max_batch_size > 0 but {kind} '{spec.name}' has a fixed "
                 f"first dimension {spec.shape[0] if spec.shape else 'none'}"
             )
-        declared.add(  # type: ignore[attr-defined]
-            name=spec.name, data_type=config_datatype(spec.datatype), dims=spec.shape[skip:]
+        dims = spec.shape[skip:]
+        added = declared.add(  # type: ignore[attr-defined]
+            name=spec.name, data_type=config_datatype(spec.datatype), dims=dims or [1]
         )
+        if not dims and skip:  # Triton's ONNX Runtime backend: a scalar row is [1] reshaped
+            added.reshape.SetInParent()
+
+
+def model_shapes(
+    config: mc.ModelConfig, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> tuple[Shapes, Shapes]:
+    """The tensors whose shape the model sees differs from the one clients send and get:
+    input name -> the shape to give the model, output name -> the shape to give the client
+    (both after the batch dimension). From `reshape`, and from scalars declared [1]."""
+    return (
+        _shapes(config, config.input, inputs, True),
+        _shapes(config, config.output, outputs, False),
+    )
+
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def _shapes(
+    config: mc.ModelConfig,
+    tensors: Sequence[mc.ModelInput | mc.ModelOutput],
+    specs: list[TensorSpec],
+    to_model: bool,
+) -> Shapes:
+    model = {spec.name: spec.shape for spec in specs}
+    shapes: Shapes = {}
+    for tensor in tensors:
+        if tensor.HasField("reshape"):
+            shapes[tensor.name] = tuple(tensor.reshape.shape if to_model else tensor.dims)
+        elif not config.max_batch_size and list(tensor.dims) == [1] and not model[tensor.name]:
+            shapes[tensor.name] = () if to_model else (1,)
+    return shapes
+
+
+def _check_reshape(model: str, kind: str, tensor: mc.ModelInput | mc.ModelOutput) -> None:
+    """A reshape keeps the element count, and numpy can make it (one variable dimension)."""
+    dims, shape = list(tensor.dims), list(tensor.reshape.shape)
+    for name, value in (("dims", dims), ("reshape", shape)):
+        if sum(dim == -1 for dim in value) > 1:
+            raise InvalidArgument(
+                f"model '{model}': config {kind} '{tensor.name}' {name} {value} has more than "
+                "one variable dimension, so its reshape is ambiguous"
+            )
+    if -1 not in dims + shape and _count(dims) != _count(shape):
+        raise InvalidArgument(
+            f"model '{model}': config {kind} '{tensor.name}' has dims {dims} ({_count(dims)} "
+            f"elements) but reshape {shape} ({_count(shape)} elements)"
+        )
+
+
+def _count(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 def _check_declared(
     model: str, kind: str, tensor: mc.ModelInput | mc.ModelOutput, spec: TensorSpec, skip: int
 ) -> None:
     """A declared tensor must agree with the model: a config that claims a size the model
-    cannot take would only fail later, on a request, as an INTERNAL runtime error."""
-    dims = list(tensor.dims)
+    cannot take would only fail later, on a request, as an INTERNAL runtime error. With a
+    reshape, the reshaped shape is what the model takes."""
+    dims = list(tensor.reshape.shape) if tensor.HasField("reshape") else list(tensor.dims)
     model_dims = list(spec.shape[skip:])
+    if tensor.HasField("reshape"):
+        _check_reshape(model, kind, tensor)
+    elif not skip and list(tensor.dims) == [1] and not model_dims:
+        dims = []  # a scalar declared [1], as Triton's ONNX Runtime backend allows
     if len(dims) != len(model_dims) or any(
         m != -1 and d != m for d, m in zip(dims, model_dims, strict=True)
     ):
         raise InvalidArgument(
-            f"model '{model}': config {kind} '{spec.name}' has dims {dims}, but the model "
+            f"model '{model}': config {kind} '{spec.name}' has "
+            f"{'reshape' if tensor.HasField('reshape') else 'dims'} {dims}, but the model "
             f"takes {model_dims} (after the batch dimension, -1: any size)"
         )
     declared_type = oip_datatype(tensor.data_type)

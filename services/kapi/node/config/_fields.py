@@ -5,7 +5,7 @@ Three answers, as Triton compatibility is exact or explicit:
 - ignored, with a warning at load naming the field: hints and policies whose absence changes
   how a model runs, never what it answers (optimization, warmup, priorities, queue timeouts);
 - refused: the model fails to load with a clear error, because serving it without the field
-  would give other answers than Triton (reshape, ragged batching, sequences, ensembles).
+  would give other answers than Triton (ragged batching, sequences, ensembles).
 A field this table does not name is refused, so a field nobody classified never passes unseen.
 """
 
@@ -38,17 +38,16 @@ _RULES: Rules = {
     "default_model_filename": "act",
     "model_transaction_policy": "act",  # decoupled: true is refused below, with its reason
     "input": {
-        **dict.fromkeys(("name", "data_type", "dims", "optional"), "act"),
+        **dict.fromkeys(("name", "data_type", "dims", "optional", "reshape"), "act"),
         "format": "ignore",  # Triton passes it to backends as a hint; ONNX models fix layout
         **dict.fromkeys(
-            ("reshape", "is_shape_tensor", "allow_ragged_batch", "is_non_linear_format_io"),
-            "refuse",
+            ("is_shape_tensor", "allow_ragged_batch", "is_non_linear_format_io"), "refuse"
         ),
     },
     "output": {
-        **dict.fromkeys(("name", "data_type", "dims"), "act"),
+        **dict.fromkeys(("name", "data_type", "dims", "reshape"), "act"),
         "label_filename": "act",  # the labels of classification results
-        **dict.fromkeys(("reshape", "is_shape_tensor", "is_non_linear_format_io"), "refuse"),
+        **dict.fromkeys(("is_shape_tensor", "is_non_linear_format_io"), "refuse"),
     },
     "dynamic_batching": {
         "preferred_batch_size": "act",
