@@ -70,6 +70,10 @@ BROKEN = {
     "config_not_utf8": "cannot be read as a text config",
     "config_directory": "cannot be read as a text config",
     "superscript_version": "no numeric version directory",
+    # Triton's words: the ONNX Runtime here has no GPU provider, so no GPU is available.
+    "gpu_only": "instance group gpu_only_0 of model gpu_only has kind KIND_GPU but no GPUs are "
+    "available",
+    "labels_missing": "label file",
 }
 # model -> the status its explicit load fails with: the runtime's own failure is INTERNAL
 LOAD_STATUS = {
@@ -92,6 +96,19 @@ def build_broken_repository(root: Path) -> None:
     (root / "superscript_version" / "\u00b2").mkdir(parents=True)
     (root / "superscript_version" / "\u00b2" / "model.onnx").write_bytes(identity)
     # A model with a proper version beside one named with a non-ASCII digit serves the first.
+    models.save_model(
+        root,
+        "gpu_only",
+        models.identity_model("FP32"),
+        config="instance_group [ { kind: KIND_GPU } ]",
+    )
+    models.save_model(
+        root,
+        "labels_missing",
+        models.identity_model("FP32"),
+        config='output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] '
+        'label_filename: "labels.txt" } ]',
+    )
     models.save_model(root, "mixed_versions", models.add_constant_model(2.0))
     (root / "mixed_versions" / "\u0661").mkdir()
     (root / "mixed_versions" / "\u0661" / "model.onnx").write_bytes(identity)

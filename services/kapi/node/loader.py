@@ -20,6 +20,7 @@ from kapi.node.config import (
     choose_runtime,
     complete_config,
     complete_instance_groups,
+    instance_count,
     model_shapes,
 )
 from kapi.node.model import ModelVersion
@@ -45,7 +46,9 @@ async def load_version(
     runtime_name = choose_runtime(config, version_dir)
     runtime_cls = runtime_class(runtime_name)
     config.default_model_filename = config.default_model_filename or runtime_cls.default_filename
-    complete_instance_groups(config, runtime_cls.default_kind(), runtime_cls.cpu_instance_count)
+    complete_instance_groups(
+        config, runtime_cls.default_kind(), runtime_cls.cpu_instance_count, runtime_cls.gpu_ids()
+    )
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     unused = sorted(parameters.keys() - runtime_cls.parameters)
     if unused:
@@ -56,7 +59,7 @@ async def load_version(
     files = ModelFiles(model_dir, version_dir, config.default_model_filename, config, parameters)
     if not files.path.is_file():
         raise InvalidArgument(f"model '{config.name}' version {version}: {files.path} missing")
-    runtime = runtime_cls(files, sum(group.count for group in config.instance_group))
+    runtime = runtime_cls(files, instance_count(config))
     await _load_runtime(runtime, config.name, version, runtime_name)
     try:
         inputs, outputs = runtime.metadata()

@@ -405,7 +405,6 @@ def test_fields_kapi_ignores_are_warned_about_one_by_one(
             "input[x].format",
             "dynamic_batching.priority_levels",
             "dynamic_batching.default_queue_policy.default_timeout_microseconds",
-            "instance_group[0].gpus",
             "optimization",
         ]
     )

@@ -14,6 +14,7 @@ from kapi.node.config import (
     check_tensor_types,
     complete_config,
     complete_instance_groups,
+    instance_count,
     model_shapes,
     read_config,
 )
@@ -242,19 +243,45 @@ def test_unnamed_groups_are_numbered_and_counts_defaulted() -> None:
         'instance_group [ { kind: KIND_CPU }, { name: "fast" count: 3 kind: KIND_GPU }, '
         "{ kind: KIND_AUTO }, { kind: KIND_GPU } ]"
     )
-    complete_instance_groups(config, Group.KIND_CPU, cpu_count=2)
-    assert [(g.name, g.kind, g.count) for g in config.instance_group] == [
-        ("m_0", Group.KIND_CPU, 2),
-        ("fast", Group.KIND_GPU, 3),
-        ("m_2", Group.KIND_CPU, 2),
-        ("m_3", Group.KIND_GPU, 1),
+    complete_instance_groups(config, Group.KIND_CPU, cpu_count=2, gpu_ids=[0, 1])
+    assert [(g.name, g.kind, g.count, list(g.gpus)) for g in config.instance_group] == [
+        ("m_0", Group.KIND_CPU, 2, []),
+        ("fast", Group.KIND_GPU, 3, [0, 1]),
+        ("m_2", Group.KIND_CPU, 2, []),
+        ("m_3", Group.KIND_GPU, 1, [0, 1]),
     ]
+    assert instance_count(config) == 2 + 3 * 2 + 2 + 1 * 2  # a GPU group's count is per GPU
 
 
 def test_a_gpu_runtime_gets_a_gpu_group() -> None:
     config = _config()
-    complete_instance_groups(config, Group.KIND_GPU, cpu_count=1)
+    complete_instance_groups(config, Group.KIND_GPU, cpu_count=1, gpu_ids=[0])
     assert [(g.name, g.kind, g.count) for g in config.instance_group] == [("m", Group.KIND_GPU, 1)]
+
+
+@pytest.mark.parametrize(
+    ("groups", "gpu_ids", "words"),
+    [
+        ("{ kind: KIND_GPU }", [], "instance group m_0 of model m has kind KIND_GPU but no GPUs "
+         "are available"),
+        ("{ kind: KIND_GPU gpus: [ 3 ] }", [0, 1], "instance group m_0 of model m specifies "
+         "invalid or unsupported gpu id 3"),
+        ("{ kind: KIND_CPU gpus: [ 0 ] }", [0], "instance group m_0 of model m has kind KIND_CPU "
+         "but specifies one or more GPUs"),
+    ],
+)  # fmt: skip
+def test_gpu_groups_the_machine_cannot_run_fail_in_tritons_words(
+    groups: str, gpu_ids: list[int], words: str
+) -> None:
+    config = _config(f"instance_group [ {groups} ]")
+    with pytest.raises(InvalidArgument, match=re.escape(words)):
+        complete_instance_groups(config, Group.KIND_CPU, cpu_count=2, gpu_ids=gpu_ids)
+
+
+def test_kind_auto_runs_on_the_cpu_without_a_gpu() -> None:
+    config = _config("instance_group [ { kind: KIND_AUTO } ]")
+    complete_instance_groups(config, Group.KIND_CPU, cpu_count=2, gpu_ids=[])
+    assert config.instance_group[0].kind == Group.KIND_CPU
 
 
 @pytest.mark.parametrize(

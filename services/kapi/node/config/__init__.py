@@ -7,6 +7,7 @@ from kapi.node.config._complete import (
     check_tensor_types,
     complete_config,
     complete_instance_groups,
+    instance_count,
     model_shapes,
 )
 from kapi.node.config._datatypes import config_datatype, oip_datatype
@@ -33,6 +34,7 @@ __all__ = [
     "complete_instance_groups",
     "config_datatype",
     "config_from_json",
+    "instance_count",
     "model_shapes",
     "oip_datatype",
     "parse_version",

@@ -20,11 +20,16 @@ Group = mc.ModelInstanceGroup
 
 
 def complete_instance_groups(
-    config: mc.ModelConfig, default_kind: Group.Kind.ValueType, cpu_count: int
+    config: mc.ModelConfig,
+    default_kind: Group.Kind.ValueType,
+    cpu_count: int,
+    gpu_ids: Sequence[int] = (),
 ) -> None:
-    """Triton's NormalizeInstanceGroup: no group is one named after the model; a group
-    without a name is `<model>_<index>`; KIND_AUTO is the runtime's device; a count of 0 is
-    `cpu_count` on the CPU (2 for ONNX Runtime in Triton) and 1 elsewhere."""
+    """Triton's NormalizeInstanceGroup and ValidateInstanceGroup: no group is one named
+    after the model; a group without a name is `<model>_<index>`; KIND_AUTO is the
+    runtime's device; a count of 0 is `cpu_count` on the CPU (2 for ONNX Runtime in Triton)
+    and 1 elsewhere; a GPU group without gpus runs on every GPU (`gpu_ids`), and one with
+    none there, or naming one that is not, fails the load in Triton's words."""
     if not config.instance_group:
         config.instance_group.add(name=config.name, kind=default_kind)
     for index, group in enumerate(config.instance_group):
@@ -33,6 +38,37 @@ def complete_instance_groups(
             group.kind = default_kind
         if group.count < 1:
             group.count = cpu_count if group.kind == Group.KIND_CPU else 1
+        _check_devices(config.name, group, gpu_ids)
+
+
+def instance_count(config: mc.ModelConfig) -> int:
+    """How many instances the groups ask for: a GPU group's count is per GPU."""
+    return sum(
+        group.count * (len(group.gpus) if group.kind == Group.KIND_GPU else 1)
+        for group in config.instance_group
+    )
+
+
+def _check_devices(model: str, group: mc.ModelInstanceGroup, gpu_ids: Sequence[int]) -> None:
+    where = f"instance group {group.name} of model {model}"
+    if group.kind != Group.KIND_GPU:
+        if group.gpus:
+            kind = Group.Kind.Name(group.kind)
+            raise InvalidArgument(f"{where} has kind {kind} but specifies one or more GPUs")
+        return
+    if not group.gpus:
+        if not gpu_ids:
+            raise InvalidArgument(
+                f"{where} has kind KIND_GPU but no GPUs are available; use KIND_CPU (or "
+                "KIND_AUTO) to run it on the CPU"
+            )
+        group.gpus.extend(gpu_ids)
+    for gpu in group.gpus:
+        if gpu not in gpu_ids:
+            raise InvalidArgument(
+                f"{where} specifies invalid or unsupported gpu id {gpu}. GPUs available: "
+                f"{', '.join(map(str, gpu_ids)) or 'none'}"
+            )
 
 
 def check_tensor_types(model: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:

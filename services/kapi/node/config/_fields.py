@@ -64,10 +64,9 @@ _RULES: Rules = {
         ),
     },
     "instance_group": {
-        **dict.fromkeys(("name", "kind", "count"), "act"),
+        **dict.fromkeys(("name", "kind", "count", "gpus"), "act"),
         **dict.fromkeys(
-            ("gpus", "secondary_devices", "profile", "passive", "host_policy", "rate_limiter"),
-            "ignore",
+            ("secondary_devices", "profile", "passive", "host_policy", "rate_limiter"), "ignore"
         ),
     },
     **dict.fromkeys(

@@ -91,6 +91,11 @@ class Runtime(abc.ABC):
         runs when nothing says otherwise."""
         return mc.ModelInstanceGroup.KIND_CPU
 
+    @classmethod
+    def gpu_ids(cls) -> list[int]:
+        """The GPU device ids this runtime can run instances on ([] for a CPU runtime)."""
+        return []
+
     def __init__(self, files: ModelFiles, instances: int) -> None:
         self.files = files
         self.instances = instances

@@ -10,6 +10,7 @@ import numpy.typing as npt
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, InvalidArgument, MissingExtra
+from kapi.core.hardware import nvidia_gpu_ids
 from kapi.core.tensors import NUMPY_DTYPES
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
@@ -47,9 +48,15 @@ class OnnxRuntime(Runtime):
     cpu_instance_count = 2  # Triton's default for ONNX Runtime on the CPU
 
     @classmethod
-    def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
+    def gpu_ids(cls) -> list[int]:
+        """NVIDIA GPUs, when this ONNX Runtime build has a GPU execution provider."""
         gpu = any(name in ort.get_available_providers() for name in _GPU_PROVIDERS)
-        return mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+        return nvidia_gpu_ids() if gpu else []
+
+    @classmethod
+    def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
+        # Triton's KIND_AUTO: the GPU when there is one this runtime can use, else the CPU.
+        return mc.ModelInstanceGroup.KIND_GPU if cls.gpu_ids() else mc.ModelInstanceGroup.KIND_CPU
 
     def _load(self) -> None:
         options = ort.SessionOptions()

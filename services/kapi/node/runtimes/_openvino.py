@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import re
 from typing import Any
@@ -14,6 +15,12 @@ try:
     import openvino as ov
 except ImportError as exc:  # pragma: no cover - depends on the image
     raise MissingExtra("openvino", "openvino") from exc
+
+
+@functools.cache
+def _gpu_count() -> int:
+    return sum(name.startswith("GPU") for name in ov.Core().available_devices)
+
 
 _DATATYPES = {
     "boolean": "BOOL",
@@ -84,6 +91,11 @@ class OpenVinoRuntime(Runtime):
         elif device.split(".")[0] in ("CPU", "GPU"):
             properties["INFERENCE_PRECISION_HINT"] = "f32"
         return properties
+
+    @classmethod
+    def gpu_ids(cls) -> list[int]:
+        """Intel GPUs OpenVINO sees ("GPU", or "GPU.0", "GPU.1", ...)."""
+        return list(range(_gpu_count()))
 
     def _device(self) -> str:
         if "device" in self.files.parameters:

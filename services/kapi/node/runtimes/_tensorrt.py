@@ -14,6 +14,7 @@ import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import MissingExtra, Unavailable
+from kapi.core.hardware import nvidia_gpu_ids
 from kapi.node.runtimes._base import Arrays, Runtime, TensorSpec
 
 try:
@@ -40,6 +41,10 @@ class TensorRtRuntime(Runtime):  # pragma: no cover - needs a GPU
     @classmethod
     def default_kind(cls) -> mc.ModelInstanceGroup.Kind.ValueType:
         return mc.ModelInstanceGroup.KIND_GPU
+
+    @classmethod
+    def gpu_ids(cls) -> list[int]:
+        return nvidia_gpu_ids()
 
     def _load(self) -> None:
         if not torch.cuda.is_available():
