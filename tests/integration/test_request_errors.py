@@ -263,8 +263,6 @@ def _with_parameter(name: str, value: object) -> service_pb2.ModelInferRequest:
 @pytest.mark.parametrize(
     ("name", "value", "feature"),
     [
-        ("priority", 3, "priorit"),
-        ("timeout", 1000, "timeout"),
         ("sequence_id", 7, "sequence batching"),
         ("sequence_id", "session-1", "sequence batching"),
         ("sequence_start", True, "sequence batching"),
@@ -315,21 +313,6 @@ def test_request_parameters_of_the_wrong_type_or_unknown_are_invalid(
         lambda: stub.ModelInfer(_with_parameter(name, value)),
         grpc.StatusCode.INVALID_ARGUMENT,
         *words,
-    )
-
-
-def test_tritonclient_priority_and_timeout_are_refused(
-    client: grpcclient.InferenceServerClient,
-) -> None:
-    expect_error(
-        lambda: client.infer("simple", simple_inputs(), priority=2),
-        "StatusCode.UNIMPLEMENTED",
-        "'priority'",
-    )
-    expect_error(
-        lambda: client.infer("simple", simple_inputs(), timeout=100),
-        "StatusCode.UNIMPLEMENTED",
-        "'timeout'",
     )
 
 

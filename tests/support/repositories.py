@@ -125,6 +125,22 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 1 ] reshape { shape: [ ]
 """
 
 
+# Queue policies: a batch that waits a minute for company, requests that may not wait as
+# long (their `timeout` may shorten the policy's), and two priority levels.
+QUEUED_CONFIG = f"""
+max_batch_size: 8
+dynamic_batching {{
+  max_queue_delay_microseconds: {LONG_DELAY_US}
+  priority_levels: 2
+  default_priority_level: 2
+  default_queue_policy {{
+    default_timeout_microseconds: {LONG_DELAY_US}
+    allow_timeout_override: true
+  }}
+}}
+"""
+
+
 # A config that asks to batch a model whose outputs do not keep the batch first.
 TRANSPOSE_BATCHED_CONFIG = f"""
 max_batch_size: 8
@@ -193,6 +209,7 @@ def build_main_repository(root: Path) -> models.TinyCnn:
     models.save_model(
         root, "scalar_reshape", models.identity_model("FP32", ()), config=SCALAR_RESHAPE_CONFIG
     )
+    models.save_model(root, "queued", models.add_constant_model(1.0), config=QUEUED_CONFIG)
     models.save_model(root, "counted", models.identity_model("FP32"))
     models.save_model(root, "identity_wide", models.identity_model("FP32", ["batch", "width"]))
     models.save_model(

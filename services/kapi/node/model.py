@@ -68,8 +68,7 @@ class ModelVersion:
             return DynamicBatcher(
                 self.name, self.runtime, self.stats, self.config.max_batch_size, policy
             )
-        max_queue = policy.default_queue_policy.max_queue_size
-        return Scheduler(self.name, self.runtime, self.stats, max_queue)
+        return Scheduler(self.name, self.runtime, self.stats, policy)
 
     async def infer(
         self, request: InferenceRequest, max_response_bytes: int = 0
@@ -88,6 +87,8 @@ class ModelVersion:
                 batch_size=checked.batch_size,
                 signature=checked.signature,
                 future=asyncio.get_running_loop().create_future(),
+                priority=checked.priority,
+                timeout_us=checked.timeout_us,
             )
             outputs = await self.scheduler.submit(job)
             for name, shape in self._to_client.items():

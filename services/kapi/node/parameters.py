@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from kapi.core.errors import InvalidArgument, Unimplemented
 from kapi.core.inference import EncodedTensor, InferenceRequest, Parameter, RequestedOutput
 
+# Honoured: the priority level and queue timeout (microseconds) a request asks for.
+_SCHEDULING = ("priority", "timeout")
 # name -> (the type Triton requires, its default, what it asks for)
 _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
-    "priority": (int, 0, "request priorities (dynamic_batching.priority_levels)"),
-    "timeout": (int, 0, "request timeouts (dynamic_batching queue policies)"),
+    "priority": (int, 0, ""),
+    "timeout": (int, 0, ""),
     "sequence_id": ((int, str), 0, "sequence batching"),
     "sequence_start": (bool, False, "sequence batching"),
     "sequence_end": (bool, False, "sequence batching"),
@@ -30,7 +32,8 @@ _OUTPUT = {name: "shared memory; send tensors in the request" for name in _SHARE
 _INPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
 
 
-def check_request_parameters(request: InferenceRequest) -> None:
+def check_request_parameters(request: InferenceRequest) -> tuple[int, int]:
+    """The request's priority and timeout (0 when not given), its other parameters checked."""
     for name, value in request.parameters.items():
         rule = _REQUEST.get(name)
         if rule is None:
@@ -44,11 +47,15 @@ def check_request_parameters(request: InferenceRequest) -> None:
             )
         if kind is int and isinstance(value, int) and value < 0:  # Triton's words
             raise InvalidArgument(f"invalid value for '{name}', expected value >= 0")
-        if value not in (default, ""):
+        if value not in (default, "") and name not in _SCHEDULING:
             raise Unimplemented(
                 f"request parameter '{name}' ({value!r}) asks for {feature}, which kapi does "
                 "not support yet"
             )
+    priority, timeout = (request.parameters.get(name, 0) for name in _SCHEDULING)
+    assert isinstance(priority, int)  # checked above
+    assert isinstance(timeout, int)
+    return priority, timeout
 
 
 def check_input_parameters(model: str, tensor: EncodedTensor) -> None:

@@ -15,13 +15,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, KapiError, Unavailable
+from kapi.node.queues import JobQueue
 from kapi.node.runtimes import Arrays, Runtime, in_daemon_thread
 from kapi.node.stats import ModelStats
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a job is itself: queues find and remove it by identity
 class Job:
     """One request waiting to run: its inputs, the outputs it wants, its batch size."""
 
@@ -40,6 +40,12 @@ class Job:
     future: asyncio.Future[Arrays]
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
     queue_ns: int = 0
+    priority: int = 0  # the request's `priority` parameter (0: the default level)
+    timeout_us: int = 0  # the request's `timeout` parameter (0: the policy's)
+    level: int = 0  # its priority level, once queued
+    delayed: bool = False  # its wait timed out under a DELAY policy
+    forming: bool = False  # it is in a batch an instance is forming
+    expired: bool = False  # its wait timed out while its batch formed
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +65,18 @@ class Scheduler:
     There is one instance thread for each of the runtime's instances."""
 
     def __init__(
-        self, model: str, runtime: Runtime, stats: ModelStats, max_queue_size: int = 0
+        self,
+        model: str,
+        runtime: Runtime,
+        stats: ModelStats,
+        policy: mc.ModelDynamicBatching | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime
         self.stats = stats
-        self._max_queue = max_queue_size
         self._loop = asyncio.get_running_loop()
-        self._queue: deque[Job] = deque()
+        # Priority levels and queue policies come with dynamic_batching, as in Triton.
+        self._queue: JobQueue[Job] = JobQueue(policy)
         self._ready = threading.Condition()  # guards _queue and _closed
         self._closed = False
         self.merges = True  # whether requests may share an execution (dynamic batching)
@@ -78,20 +88,48 @@ class Scheduler:
             thread.start()
 
     async def submit(self, job: Job) -> Arrays:
-        """Queue the job; its outputs come back once an instance has run it."""
+        """Queue the job at its priority level; its outputs come back once an instance has
+        run it, or an error once its wait times out under a REJECT policy."""
         with self._ready:
             if self._closed:
                 raise Unavailable(f"model '{self.model}' is unloading")
-            if self._max_queue and len(self._queue) >= self._max_queue:
+            job.level = self._queue.level_of(job.priority)
+            if self._queue.full(job.level):
                 self._drop_abandoned()
-                if len(self._queue) >= self._max_queue:  # Triton's status and words
+                if limit := self._queue.full(job.level):  # Triton's status and words
                     raise Unavailable(
-                        f"model '{self.model}': exceeds maximum queue size "
-                        f"({self._max_queue} requests waiting)"
+                        f"model '{self.model}': exceeds maximum queue size ({limit} requests "
+                        "waiting)"
                     )
             self._queue.append(job)
             self._ready.notify()
+        timeout_us = self._queue.timeout_us(job.level, job.timeout_us)
+        if timeout_us:
+            timer = self._loop.call_later(timeout_us / 1e6, self._timed_out, job)
+            job.future.add_done_callback(lambda _: timer.cancel())
         return await job.future
+
+    def _timed_out(self, job: Job) -> None:
+        """A job that waited its timeout: failed (REJECT) or moved back (DELAY) if it is
+        still queued, or marked for the batch it is in to deal with; once running, it runs."""
+        with self._ready:
+            if job.delayed:
+                return
+            if job.forming:
+                job.expired = True
+                self._ready.notify_all()
+                return
+            if job not in self._queue:
+                return
+            if self._queue.policy(job.level).timeout_action == mc.ModelQueuePolicy.DELAY:
+                self._queue.delay(job)
+                return
+            self._queue.remove(job)
+        if not job.future.done():
+            job.future.set_exception(self._timeout_error())
+
+    def _timeout_error(self) -> Unavailable:
+        return Unavailable(f"model '{self.model}': Request timeout expired")  # Triton's words
 
     async def close(self) -> None:
         """Stop taking work: requests still queued fail with UNAVAILABLE at once; then wait
@@ -104,16 +142,13 @@ class Scheduler:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
-            queued = list(self._queue)
-            self._queue.clear()
+            queued = self._queue.clear()
         error = Unavailable(f"model '{self.model}' was unloaded")
         return _Execution(queued, None, error, 0, 0, 0)
 
     def _drop_abandoned(self) -> None:
         """Forget queued requests whose caller gave up. Holds _ready."""
-        live = [job for job in self._queue if not job.future.done()]
-        self._queue.clear()
-        self._queue.extend(live)
+        self._queue.keep([job for job in self._queue if not job.future.done()])
 
     def _join(self) -> None:
         for thread in self._threads:
@@ -258,44 +293,77 @@ class DynamicBatcher(Scheduler):
         self._preferred = frozenset(policy.preferred_batch_size)
         self._max_preferred = max(self._preferred, default=max_batch_size)
         self._gathering = threading.Lock()
-        max_queue = policy.default_queue_policy.max_queue_size
-        super().__init__(model, runtime, stats, max_queue)
+        super().__init__(model, runtime, stats, policy)
 
     def _take(self) -> list[Job] | None:
         with self._gathering, self._ready:
-            first = self._first()
-            if first is None:
-                return None
-            batch, size = [first], first.batch_size
-            if not self.merges:
-                return batch
-            marked = 1 if size in self._preferred else 0  # jobs up to the best mark (0: none)
-            deadline_ns = first.enqueued_ns + self._delay_ns
             while True:
-                full = False
-                while self._queue:
-                    job = self._queue[0]
-                    if job.future.done():  # its caller gave up while it was queued
-                        self._queue.popleft()
-                        continue
-                    grown = size + job.batch_size
-                    if grown > self._max_preferred and not marked:
-                        marked = len(batch)
-                    if grown > self._max or job.signature != first.signature:
-                        full = True  # it starts the next batch
-                        break
-                    batch.append(self._queue.popleft())
-                    size = grown
-                    if size in self._preferred:
-                        marked = len(batch)
-                remaining_ns = deadline_ns - time.perf_counter_ns()
-                waited_out = self._delay_ns > 0 and remaining_ns <= 0
-                if marked and not waited_out:
-                    self._queue.extendleft(reversed(batch[marked:]))
-                    return batch[:marked]
-                if full or size >= self._max_preferred or remaining_ns <= 0 or self._closed:
+                first = self._first()
+                if first is None:
+                    return None
+                if not self.merges:
+                    return [first]
+                batch = self._gather(first)
+                if batch is not None:
                     return batch
-                self._ready.wait(min(remaining_ns / 1e9, threading.TIMEOUT_MAX))
+
+    def _gather(self, first: Job) -> list[Job] | None:
+        """The batch to run, starting from `first`; None when a request in it timed out
+        while it formed (it is dealt with, the rest put back, and the batch formed anew).
+        Holds _ready."""
+        batch, size = [first], first.batch_size
+        first.forming = True
+        marked = 1 if size in self._preferred else 0  # jobs up to the best mark (0: none)
+        deadline_ns = first.enqueued_ns + self._delay_ns
+        while True:
+            full = False
+            while (job := self._queue.peek()) is not None:
+                if job.future.done():  # its caller gave up while it was queued
+                    self._queue.popleft()
+                    continue
+                grown = size + job.batch_size
+                if grown > self._max_preferred and not marked:
+                    marked = len(batch)
+                if grown > self._max or job.signature != first.signature:
+                    full = True  # it starts the next batch
+                    break
+                batch.append(self._queue.popleft())
+                job.forming = True
+                size = grown
+                if size in self._preferred:
+                    marked = len(batch)
+            if any(job.expired for job in batch):
+                self._expire_forming(batch)
+                return None
+            remaining_ns = deadline_ns - time.perf_counter_ns()
+            waited_out = self._delay_ns > 0 and remaining_ns <= 0
+            if marked and not waited_out:
+                self._put_back(batch[marked:])
+                return batch[:marked]
+            if full or size >= self._max_preferred or remaining_ns <= 0 or self._closed:
+                return batch
+            self._ready.wait(min(remaining_ns / 1e9, threading.TIMEOUT_MAX))
+
+    def _put_back(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.forming = False
+        self._queue.push_front(jobs)
+
+    def _expire_forming(self, batch: list[Job]) -> None:
+        """Requests of a forming batch that waited past their timeout: failed (REJECT) or
+        queued behind the others (DELAY); the rest go back where they were."""
+        expired = [job for job in batch if job.expired]
+        self._put_back([job for job in batch if not job.expired])
+        rejected = []
+        for job in expired:
+            job.forming = job.expired = False
+            if self._queue.policy(job.level).timeout_action == mc.ModelQueuePolicy.DELAY:
+                job.delayed = True
+                self._queue.append(job)
+            else:
+                rejected.append(job)
+        if rejected:
+            self._to_loop(_Execution(rejected, None, self._timeout_error(), 0, 0, 0))
 
 
 def _merge(jobs: list[Job]) -> Arrays:

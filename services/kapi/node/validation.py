@@ -34,6 +34,8 @@ class CheckedRequest:
     classifications: dict[str, int]  # output -> top k to return as classes
     batch_size: int  # 0 for a model that does not batch
     signature: Signature  # requests merge only when their non-batch shapes agree
+    priority: int = 0
+    timeout_us: int = 0
 
 
 class RequestValidator:
@@ -50,7 +52,7 @@ class RequestValidator:
         self.limits = RequestLimits(2 * len(self._inputs) + 8, 2 * len(self._outputs) + 8)
 
     def check(self, request: InferenceRequest) -> CheckedRequest:
-        check_request_parameters(request)
+        priority, timeout_us = check_request_parameters(request)
         given = {tensor.name: tensor for tensor in request.inputs}
         if len(given) != len(request.inputs):
             raise InvalidArgument(f"model '{self.model}': an input is given more than once")
@@ -76,6 +78,8 @@ class RequestValidator:
             inputs=list(given.values()),
             outputs=outputs,
             classifications=classifications,
+            priority=priority,
+            timeout_us=timeout_us,
             batch_size=batch_sizes.pop() if self.max_batch_size > 0 and batch_sizes else 0,
             signature=signature,
         )

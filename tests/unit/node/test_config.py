@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -390,7 +391,7 @@ def test_fields_kapi_ignores_are_warned_about_one_by_one(
     output [ { name: "y" data_type: TYPE_FP32 dims: [ 3 ] label_filename: "labels.txt" } ]
     dynamic_batching {
       max_queue_delay_microseconds: 100
-      priority_levels: 2
+      preserve_ordering: true
       default_queue_policy { max_queue_size: 4 default_timeout_microseconds: 10 }
     }
     instance_group [ { count: 1 kind: KIND_GPU gpus: [ 0 ] } ]
@@ -403,8 +404,7 @@ def test_fields_kapi_ignores_are_warned_about_one_by_one(
     assert sorted(ignored) == sorted(
         [
             "input[x].format",
-            "dynamic_batching.priority_levels",
-            "dynamic_batching.default_queue_policy.default_timeout_microseconds",
+            "dynamic_batching.preserve_ordering",
             "optimization",
         ]
     )
@@ -498,3 +498,20 @@ def test_configs_triton_refuses_are_refused(tmp_path: Path, text: str, words: st
 @pytest.mark.parametrize("text", ["9" * 5000, str(2**63), "0" + "9" * 19])
 def test_a_version_too_large_for_int64_is_not_a_version(text: str) -> None:
     assert parse_version(text) is None
+
+
+@pytest.mark.parametrize(
+    ("batching", "words"),
+    [
+        ("priority_levels: 2", "default priority level must be in range [1, 2] for resnet"),
+        (
+            "priority_levels: 2 default_priority_level: 1 "
+            "priority_queue_policy { key: 3 value {} }",
+            "priority queue policy must have priority level in range [1, 2] for resnet",
+        ),
+    ],
+)
+def test_priority_levels_follow_tritons_rules(tmp_path: Path, batching: str, words: str) -> None:
+    text = f"max_batch_size: 4 dynamic_batching {{ {batching} }}"
+    with pytest.raises(InvalidArgument, match=re.escape(words)):
+        check_config(read_config(_model_dir(tmp_path, text)))

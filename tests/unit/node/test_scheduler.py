@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, InvalidArgument, Unavailable
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
@@ -549,3 +550,156 @@ async def test_closing_finishes_running_work_and_fails_what_is_queued() -> None:
     with pytest.raises(Unavailable, match="unloading"):
         await scheduler.submit(job(1))
     assert runtime.batches == [1]
+
+
+# --- priority levels and queue policies, as Triton's PriorityQueue ---------------------------
+
+
+class OrderRuntime(RecordingRuntime):
+    """Records the first value of each execution's input: which request ran when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.firsts: list[float] = []
+
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        self.firsts.append(float(inputs["x"][0, 0]))
+        return super().infer(inputs, outputs)
+
+
+def queued_batcher(runtime: RecordingRuntime, batching: str) -> DynamicBatcher:
+    """A batcher that runs each request alone, at once, with the policy in `batching`."""
+    policy = text_format.Parse(batching, mc.ModelDynamicBatching())
+    return DynamicBatcher("m", runtime, new_stats(), 1, policy)
+
+
+def prioritised(rows: int, first: float, priority: int = 0, timeout_us: int = 0) -> Job:
+    created = job(rows, first=first)
+    created.priority, created.timeout_us = priority, timeout_us
+    return created
+
+
+async def test_a_higher_priority_request_runs_first() -> None:
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    batching = "priority_levels: 3 default_priority_level: 3"
+    async with serving(queued_batcher(runtime, batching)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        tasks = start(
+            scheduler,
+            [
+                prioritised(1, 30.0, priority=3),
+                prioritised(1, 99.0, priority=0),  # 0: the default level, 3
+                prioritised(1, 20.0, priority=2),
+                prioritised(1, 77.0, priority=9),  # past the levels: the default level
+                prioritised(1, 10.0, priority=1),
+            ],
+        )
+        await until_queued(scheduler, 5)
+        runtime.hold.set()
+        await results(busy + tasks)
+
+    assert runtime.firsts == [0.0, 10.0, 20.0, 30.0, 99.0, 77.0]
+
+
+async def test_a_request_that_waits_past_its_timeout_is_rejected_in_tritons_words() -> None:
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    batching = "default_queue_policy { default_timeout_microseconds: 50000 }"
+    async with serving(queued_batcher(runtime, batching)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        (late,) = start(scheduler, [prioritised(1, 5.0)])
+        with pytest.raises(Unavailable, match="Request timeout expired"):
+            await asyncio.wait_for(late, WAIT_S)  # while the instance is still busy
+        runtime.hold.set()
+        await results(busy)
+
+    assert runtime.firsts == [0.0]
+
+
+async def test_a_request_may_shorten_its_timeout_only_when_the_policy_allows() -> None:
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    allowed = (
+        "default_queue_policy { default_timeout_microseconds: 60000000 "
+        "allow_timeout_override: true }"
+    )
+    async with serving(queued_batcher(runtime, allowed)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        (short,) = start(scheduler, [prioritised(1, 5.0, timeout_us=30_000)])
+        with pytest.raises(Unavailable, match="Request timeout expired"):
+            await asyncio.wait_for(short, WAIT_S)
+        runtime.hold.set()
+        await results(busy)
+
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    refused = "default_queue_policy { default_timeout_microseconds: 60000000 }"
+    async with serving(queued_batcher(runtime, refused)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        waits = start(scheduler, [prioritised(1, 5.0, timeout_us=30_000)])
+        await asyncio.sleep(0.2)
+        assert not waits[0].done()  # the override is not allowed: it keeps waiting
+        runtime.hold.set()
+        await results(busy + waits)
+
+    assert runtime.firsts == [0.0, 5.0]
+
+
+async def test_a_delayed_request_runs_after_those_that_did_not_time_out() -> None:
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    batching = "default_queue_policy { default_timeout_microseconds: 30000 timeout_action: DELAY }"
+    async with serving(queued_batcher(runtime, batching)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        delayed = start(scheduler, [prioritised(1, 1.0)])
+        await asyncio.sleep(0.1)  # it timed out: moved behind the requests that come next
+        fresh = start(scheduler, [prioritised(1, 2.0)])
+        await until_queued(scheduler, 2)
+        runtime.hold.set()
+        await results(busy + delayed + fresh)
+
+    assert runtime.firsts == [0.0, 2.0, 1.0]
+
+
+async def test_each_priority_level_has_its_own_queue_size() -> None:
+    runtime = OrderRuntime()
+    runtime.hold.clear()
+    batching = (
+        "priority_levels: 2 default_priority_level: 2 "
+        "priority_queue_policy { key: 1 value { max_queue_size: 1 } }"
+    )
+    async with serving(queued_batcher(runtime, batching)) as scheduler:
+        busy = start(scheduler, [prioritised(1, 0.0)])
+        await runtime.wait_started()
+        tasks = start(scheduler, [prioritised(1, 1.0, priority=1)])
+        tasks += start(scheduler, [prioritised(1, 2.0, priority=2) for _ in range(3)])
+        await until_queued(scheduler, 4)
+        with pytest.raises(Unavailable, match="exceeds maximum queue size"):
+            await scheduler.submit(prioritised(1, 3.0, priority=1))
+        runtime.hold.set()
+        await results(busy + tasks)
+
+    assert runtime.firsts == [0.0, 1.0, 2.0, 2.0, 2.0]
+
+
+async def test_a_request_that_times_out_while_its_batch_forms_is_rejected() -> None:
+    """The batch waits a minute for company; the request's timeout, 50 ms, comes first."""
+    runtime = RecordingRuntime()
+    policy = text_format.Parse(
+        f"max_queue_delay_microseconds: {LONG_DELAY_US} "
+        "default_queue_policy { default_timeout_microseconds: 50000 }",
+        mc.ModelDynamicBatching(),
+    )
+    async with serving(DynamicBatcher("m", runtime, new_stats(), 8, policy)) as scheduler:
+        (waiting,) = start(scheduler, [job(1)])
+        await until_taken(scheduler)  # in the forming batch
+        with pytest.raises(Unavailable, match="Request timeout expired"):
+            await asyncio.wait_for(waiting, WAIT_S)
+
+    assert runtime.batches == []

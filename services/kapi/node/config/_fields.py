@@ -3,7 +3,7 @@
 Three answers, as Triton compatibility is exact or explicit:
 - acted on: kapi does what Triton does with it;
 - ignored, with a warning at load naming the field: hints and policies whose absence changes
-  how a model runs, never what it answers (optimization, warmup, priorities, queue timeouts);
+  how a model runs, never what it answers (optimization, warmup);
 - refused: the model fails to load with a clear error, because serving it without the field
   would give other answers than Triton (ragged batching, sequences, ensembles).
 A field this table does not name is refused, so a field nobody classified never passes unseen.
@@ -25,12 +25,10 @@ log = logging.getLogger("kapi.node.config")
 Treatment = Literal["act", "ignore", "refuse"]
 Rules = Mapping[str, Union[Treatment, "Rules"]]  # a nested table: act, and look inside
 
-_QUEUE_POLICY: Rules = {
-    "max_queue_size": "act",
-    "timeout_action": "ignore",
-    "default_timeout_microseconds": "ignore",
-    "allow_timeout_override": "ignore",
-}
+_QUEUE_POLICY: Rules = dict.fromkeys(
+    ("max_queue_size", "timeout_action", "default_timeout_microseconds", "allow_timeout_override"),
+    "act",
+)
 _RULES: Rules = {
     **dict.fromkeys(
         ("name", "platform", "backend", "version_policy", "max_batch_size", "parameters"), "act"
@@ -53,15 +51,10 @@ _RULES: Rules = {
         "preferred_batch_size": "act",
         "max_queue_delay_microseconds": "act",
         "default_queue_policy": _QUEUE_POLICY,
-        **dict.fromkeys(
-            (
-                "preserve_ordering",
-                "priority_levels",
-                "default_priority_level",
-                "priority_queue_policy",
-            ),
-            "ignore",
-        ),
+        "priority_queue_policy": "act",  # every field of a queue policy is acted on
+        **dict.fromkeys(("priority_levels", "default_priority_level"), "act"),
+        # Requests already answer each in its own response and streams in their order.
+        "preserve_ordering": "ignore",
     },
     "instance_group": {
         **dict.fromkeys(("name", "kind", "count", "gpus"), "act"),
@@ -138,9 +131,26 @@ def _check_servable(config: mc.ModelConfig) -> None:
                 raise InvalidArgument(
                     f"model '{config.name}': config {kind} '{tensor.name}' must specify 'data_type'"
                 )
+    _check_priorities(config)
     for group in config.instance_group:
         if group.count < 0:
             raise InvalidArgument(
                 f"model '{config.name}': instance_group count is {group.count}; it must be 1 "
                 "or more (0 or none: Triton's default)"
+            )
+
+
+def _check_priorities(config: mc.ModelConfig) -> None:
+    """Triton's rules for priority levels, in its words."""
+    batching = config.dynamic_batching
+    levels = batching.priority_levels
+    if levels and not 1 <= batching.default_priority_level <= levels:
+        raise InvalidArgument(
+            f"default priority level must be in range [1, {levels}] for {config.name}"
+        )
+    for level in batching.priority_queue_policy:
+        if not 1 <= level <= levels:
+            raise InvalidArgument(
+                f"priority queue policy must have priority level in range [1, {levels}] for "
+                f"{config.name}"
             )
