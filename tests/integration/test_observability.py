@@ -131,28 +131,11 @@ def test_metrics_carry_model_and_version_labels(
     assert "# TYPE kapi_node_inference_requests_total counter" in metrics
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        "get_system_shared_memory_status",
-        "get_cuda_shared_memory_status",
-        "unregister_system_shared_memory",
-        "unregister_cuda_shared_memory",
-    ],
-)
-def test_shared_memory_is_unimplemented(
+@pytest.mark.parametrize("call", ["get_cuda_shared_memory_status", "unregister_cuda_shared_memory"])
+def test_cuda_shared_memory_is_unimplemented_without_a_gpu(
     client: grpcclient.InferenceServerClient, call: str
 ) -> None:
-    expect_error(lambda: getattr(client, call)(), "StatusCode.UNIMPLEMENTED", "shared memory")
-
-
-def test_shared_memory_register_is_unimplemented(
-    client: grpcclient.InferenceServerClient,
-) -> None:
-    expect_error(
-        lambda: client.register_system_shared_memory("region", "/kapi-test", 64),
-        "StatusCode.UNIMPLEMENTED",
-    )
+    expect_error(lambda: getattr(client, call)(), "StatusCode.UNIMPLEMENTED", "CUDA shared memory")
 
 
 @pytest.mark.parametrize("service", ["", SERVICE])

@@ -326,19 +326,6 @@ def test_an_unknown_output_parameter_is_invalid(
     )
 
 
-def test_an_input_in_shared_memory_is_unimplemented(
-    stub: service_pb2_grpc.GRPCInferenceServiceStub,
-) -> None:
-    request = raw_simple_request(bytes(64), bytes(64))
-    request.inputs[0].parameters["shared_memory_region"].string_param = "region0"
-    expect_rpc_error(
-        lambda: stub.ModelInfer(request),
-        grpc.StatusCode.UNIMPLEMENTED,
-        "'INPUT0'",
-        "shared memory",
-    )
-
-
 def test_an_output_requested_twice_comes_back_once(
     client: grpcclient.InferenceServerClient,
 ) -> None:

@@ -520,5 +520,5 @@ def test_model_control_is_refused_without_explicit_mode(
 
 
 def test_unsupported_extensions_are_501(rest: httpclient.InferenceServerClient) -> None:
-    expect_http_error(rest.get_system_shared_memory_status, 501, "system shared memory")
+    expect_http_error(rest.get_cuda_shared_memory_status, 501, "CUDA shared memory")
     expect_http_error(rest.get_trace_settings, 501, "tracing")

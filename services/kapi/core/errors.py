@@ -34,6 +34,13 @@ class NotFound(KapiError):
     http_status = 404
 
 
+class AlreadyExists(KapiError):
+    """Something of that name is there already (Triton answers it 400 over HTTP)."""
+
+    grpc_status = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 400
+
+
 class FailedPrecondition(KapiError):
     """The request is well formed but the system is not in a state to serve it."""
 

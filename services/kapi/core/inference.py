@@ -91,3 +91,4 @@ class InferenceResponse:
     model_version: str
     id: str
     outputs: list[Tensor]
+    shared_memory: set[str] = field(default_factory=set)  # outputs written there instead

@@ -17,6 +17,7 @@ from kapi.core.inference import (
 )
 from kapi.core.tensors import DATATYPES, check_shape, to_raw
 
+SHARED_MEMORY_REGION = "shared_memory_region"
 # Which InferTensorContents field carries each datatype (FP16 and BF16 travel raw only).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -38,15 +39,28 @@ def request_from_proto(message: pb.ModelInferRequest, limits: RequestLimits) -> 
     """The request with its inputs still encoded: headers are checked here, within the
     model's `limits`, and contents are decoded only once the model has checked them."""
     check_counts(message.model_name, len(message.inputs), len(message.outputs), limits)
-    raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
+    raw = list(message.raw_input_contents)
+    # As Triton reads them: raw entries go, in order, to the inputs that have neither typed
+    # contents nor shared memory.
+    taking = [
+        not tensor.HasField("contents") and SHARED_MEMORY_REGION not in tensor.parameters
+        for tensor in message.inputs
+    ]
+    for tensor in message.inputs:
+        if raw and tensor.HasField("contents"):  # Triton's words
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for "
+                f"'{tensor.name}' for model '{message.model_name}'"
+            )
+    if raw and len(raw) != sum(taking):
         raise InvalidArgument(
-            f"{len(raw)} raw_input_contents for {len(message.inputs)} inputs: "
-            "send one raw entry per input, in order"
+            f"{len(raw)} raw_input_contents for the {sum(taking)} inputs that take one (those "
+            "without typed contents or shared memory): send one raw entry per input, in order"
         )
+    entries = iter(raw)
     inputs = [
-        _input_from_proto(tensor, raw[index] if raw else None, limits.parameters)
-        for index, tensor in enumerate(message.inputs)
+        _input_from_proto(tensor, next(entries) if raw and takes else None, limits.parameters)
+        for tensor, takes in zip(message.inputs, taking, strict=True)
     ]
     outputs = [
         RequestedOutput(
@@ -66,12 +80,15 @@ def request_from_proto(message: pb.ModelInferRequest, limits: RequestLimits) -> 
 
 
 def response_to_proto(response: InferenceResponse) -> pb.ModelInferResponse:
+    """Every output with its raw entry; one written to shared memory has an empty entry, as
+    Triton answers it."""
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
-        message.raw_output_contents.append(to_raw(tensor))
+        in_shm = tensor.name in response.shared_memory
+        message.raw_output_contents.append(b"" if in_shm else to_raw(tensor))
     return message
 
 
@@ -91,16 +108,21 @@ def parameters_from_proto(parameters: Any, limit: int, where: str) -> dict[str, 
 
 
 def _input_from_proto(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, parameter_limit: int
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    parameter_limit: int,
 ) -> EncodedTensor:
     shape = check_shape(tensor.name, list(tensor.shape))
     parameters = parameters_from_proto(tensor.parameters, parameter_limit, f"input '{tensor.name}'")
     if raw is not None:
+        return EncodedTensor(tensor.name, tensor.datatype, shape, raw, parameters=parameters)
+    if SHARED_MEMORY_REGION in parameters:  # its data is found in the region, later
         if tensor.HasField("contents"):
             raise InvalidArgument(
-                f"input '{tensor.name}': both raw and typed contents given; send one"
+                f"unexpected 'content' provided when using shared memory for input tensor "
+                f"'{tensor.name}'"
             )
-        return EncodedTensor(tensor.name, tensor.datatype, shape, raw, parameters=parameters)
+        return EncodedTensor(tensor.name, tensor.datatype, shape, None, parameters=parameters)
     field_name = CONTENTS_FIELD.get(tensor.datatype)
     if field_name is None and tensor.datatype in DATATYPES:
         raise InvalidArgument(

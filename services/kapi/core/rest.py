@@ -140,7 +140,9 @@ def response_to_http(
             "shape": list(tensor.shape),
         }
         binary = tensor.name in binary_outputs if tensor.name in listed else binary_default
-        if binary:
+        if tensor.name in response.shared_memory:
+            pass  # written to shared memory: neither data nor binary data, as Triton answers
+        elif binary:
             raw = to_raw(tensor)
             entry["parameters"] = {"binary_data_size": len(raw)}
             if raw:
@@ -264,13 +266,20 @@ def _input(
     parameters = _parameters(item.get("parameters", {}), parameter_limit, f"input '{name}'")
     size = parameters.pop("binary_data_size", None)
     has_data = "data" in item
-    if has_data == (size is not None):  # Triton's words
-        given = " 'data'" * has_data + " 'binary_data_size'" * (size is not None)
+    in_shm = "shared_memory_region" in parameters
+    if has_data + (size is not None) + in_shm != 1:  # Triton's words
+        given = (
+            " 'data'" * has_data
+            + " 'binary_data_size'" * (size is not None)
+            + " 'shared_memory_region'" * in_shm
+        )
         raise InvalidArgument(
             "Input must set only one of the following fields: 'data', 'binary_data_size' in "
             f"'parameters', 'shared_memory_region' in 'parameters'. But "
             f"{'set' + given if given else 'no field is set'}"
         )
+    if in_shm:  # its data is found in the region, later
+        return EncodedTensor(name, datatype, checked, None, parameters=parameters), offset
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidArgument(
@@ -371,6 +380,8 @@ def _output(item: object, index: int, parameter_limit: int) -> tuple[RequestedOu
     name = item["name"]
     parameters = _parameters(item.get("parameters", {}), parameter_limit, f"output '{name}'")
     binary = parameters.pop("binary_data", False)
+    if binary and "shared_memory_region" in parameters:  # Triton's words
+        raise InvalidArgument("Output can't set both 'shared_memory_region' and 'binary_data'")
     if not isinstance(binary, bool):
         raise InvalidArgument(
             f"Unable to parse 'binary_data' of output '{name}': it must be a bool"

@@ -18,6 +18,7 @@ from kapi.node.config import oip_datatype
 from kapi.node.parameters import check_unload_parameters, load_override
 from kapi.node.repository import IndexEntry, ModelRepository
 from kapi.node.runtimes import TensorSpec
+from kapi.node.shared_memory import SharedMemoryManager
 from kapi.node.stats import ModelStats
 
 SERVER_NAME = "kapi"
@@ -28,6 +29,7 @@ EXTENSIONS = (
     "model_configuration",
     "statistics",
     "binary_tensor_data",
+    "system_shared_memory",
 )
 
 
@@ -51,6 +53,7 @@ class DataPlane:
         self._idle = asyncio.Event()
         self._idle.set()
         self._control: set[asyncio.Future[None]] = set()  # loads and unloads under way
+        self.shared_memory = SharedMemoryManager()
 
     @property
     def ready(self) -> bool:
@@ -134,7 +137,12 @@ class DataPlane:
             self.admit()
         try:
             model = self.repository.get(request.model_name, request.model_version)
-            return await model.infer(request, self.max_response_bytes)
+            with self.shared_memory.attach(request) as held:
+                response = await model.infer(request, self.max_response_bytes, set(held.outputs))
+                if held.outputs:
+                    written = self.shared_memory.write_outputs(response.outputs, held)
+                    response.shared_memory = written
+            return response
         finally:
             if not admitted:
                 self.release()

@@ -52,15 +52,12 @@ def parse(message_type: type[Message], data: bytes) -> Any:
 
 def _unimplemented(feature: str) -> Any:  # typed as each RPC it stands for
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented(f"{feature} is not supported by kapi; send tensors in the request")
+        raise Unimplemented(f"{feature} is not supported by this node")
 
     return rpc(handler)
 
 
 class InferenceServicer:
-    SystemSharedMemoryStatus = _unimplemented("system shared memory")
-    SystemSharedMemoryRegister = _unimplemented("system shared memory")
-    SystemSharedMemoryUnregister = _unimplemented("system shared memory")
     CudaSharedMemoryStatus = _unimplemented("CUDA shared memory")
     CudaSharedMemoryRegister = _unimplemented("CUDA shared memory")
     CudaSharedMemoryUnregister = _unimplemented("CUDA shared memory")
@@ -164,6 +161,33 @@ class InferenceServicer:
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
         return responses.statistics(self.dataplane, request.name, request.version)
+
+    @rpc
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.dataplane.shared_memory.status(request.name):
+            entry = response.regions[region.name]
+            entry.name, entry.key = region.name, region.key
+            entry.offset, entry.byte_size = region.offset, region.byte_size
+        return response
+
+    @rpc
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.dataplane.shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @rpc
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.dataplane.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     @rpc
     async def RepositoryIndex(

@@ -123,9 +123,39 @@ def rest_app(dataplane: DataPlane, max_body_bytes: int) -> Starlette:
         await dataplane.unload(request.path_params["name"], parameters)
         return Response(status_code=200, media_type=JSON)
 
+    async def shm_status(request: Request) -> Response:
+        regions = dataplane.shared_memory.status(request.path_params.get("region", ""))
+        return _json(
+            [
+                {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                for r in regions
+            ]
+        )
+
+    async def shm_register(request: Request) -> Response:
+        body = await _json_body(request)
+        name = request.path_params["region"]
+        for field in ("key", "byte_size"):  # Triton's words
+            if field not in body:
+                raise InvalidArgument(f"Shared memory register request has no '{field}' field")
+        key, offset, byte_size = body["key"], body.get("offset", 0), body["byte_size"]
+        if not isinstance(key, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (offset, byte_size)
+        ):
+            raise InvalidArgument(
+                "Shared memory register request: 'key' is a string, 'offset' and "
+                "'byte_size' are integers"
+            )
+        dataplane.shared_memory.register(name, key, offset, byte_size)
+        return Response(status_code=200, media_type=JSON)
+
+    async def shm_unregister(request: Request) -> Response:
+        dataplane.shared_memory.unregister(request.path_params.get("region", ""))
+        return Response(status_code=200, media_type=JSON)
+
     def unsupported(feature: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            raise Unimplemented(f"{feature} is not supported by kapi")
+            raise Unimplemented(f"{feature} is not supported by this node")
 
         return endpoint
 
@@ -156,14 +186,20 @@ def rest_app(dataplane: DataPlane, max_body_bytes: int) -> Starlette:
             _route(f"{prefix}/stats", model_statistics, methods=["GET"]),
             Route(f"{prefix}/infer", infer, methods=["POST"]),  # plain ASGI
         ]
-    for kind, feature in (("system", "system shared memory"), ("cuda", "CUDA shared memory")):
-        for action in ("status", "register", "unregister"):
-            path = f"/v2/{kind}sharedmemory/{action}"
-            region = f"/v2/{kind}sharedmemory/region/{{region}}/{action}"
-            routes += [
-                _route(path, unsupported(feature), methods=["GET", "POST"]),
-                _route(region, unsupported(feature), methods=["GET", "POST"]),
-            ]
+    shm = "/v2/systemsharedmemory"
+    routes += [
+        _route(f"{shm}/status", shm_status, methods=["GET"]),
+        _route(f"{shm}/region/{{region}}/status", shm_status, methods=["GET"]),
+        _route(f"{shm}/region/{{region}}/register", shm_register, methods=["POST"]),
+        _route(f"{shm}/unregister", shm_unregister, methods=["POST"]),
+        _route(f"{shm}/region/{{region}}/unregister", shm_unregister, methods=["POST"]),
+    ]
+    for action in ("status", "register", "unregister"):
+        for path in (
+            f"/v2/cudasharedmemory/{action}",
+            f"/v2/cudasharedmemory/region/{{r}}/{action}",
+        ):
+            routes.append(_route(path, unsupported("CUDA shared memory"), methods=["GET", "POST"]))
     for path, feature in (
         ("/v2/trace/setting", "tracing"),
         (f"{model}/trace/setting", "tracing"),

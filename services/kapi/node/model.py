@@ -71,10 +71,14 @@ class ModelVersion:
         return Scheduler(self.name, self.runtime, self.stats, policy)
 
     async def infer(
-        self, request: InferenceRequest, max_response_bytes: int = 0
+        self,
+        request: InferenceRequest,
+        max_response_bytes: int = 0,
+        in_shared_memory: frozenset[str] | set[str] = frozenset(),
     ) -> InferenceResponse:
         """Run one request. Outputs too large for a response of `max_response_bytes`
-        (0: no limit) fail it with RESOURCE_EXHAUSTED, as the response could not be sent."""
+        (0: no limit) fail it with RESOURCE_EXHAUSTED, as the response could not be sent;
+        outputs `in_shared_memory` go there, not in the response."""
         start = time.perf_counter_ns()
         self._in_flight += 1
         self._drained.clear()
@@ -100,7 +104,8 @@ class ModelVersion:
                 )
             tensors = await self._encode([_tensor(name, outputs[name]) for name in job.outputs])
             if max_response_bytes:
-                self.validator.check_response_size(tensors, max_response_bytes)
+                sent = [tensor for tensor in tensors if tensor.name not in in_shared_memory]
+                self.validator.check_response_size(sent, max_response_bytes)
         except BaseException:
             self.stats.record_request(time.perf_counter_ns() - start, 0, False, 0)
             raise

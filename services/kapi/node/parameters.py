@@ -1,10 +1,10 @@
 """Request, input and output parameters: what kapi honours and what it refuses.
 
 Triton gives some parameter names a meaning (priority, timeout, sequences, classification,
-shared memory). kapi honours classification; it answers each one it does not implement
-with UNIMPLEMENTED, naming it, rather than accepting it and giving a different answer than
-Triton would. A parameter at
-its default value asks for nothing, so it is honoured. Any other name is INVALID_ARGUMENT:
+shared memory). kapi honours priorities, timeouts, classification and shared memory; it
+answers each one it does not implement with UNIMPLEMENTED, naming it, rather than
+accepting it and giving a different answer than Triton would. A parameter at its default
+value asks for nothing, so it is honoured. Any other name is INVALID_ARGUMENT:
 kapi's runtimes take no custom parameters, and a typo must not pass unseen.
 """
 
@@ -27,9 +27,6 @@ _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
     "sequence_end": (bool, False, "sequence batching"),
     "triton_enable_empty_final_response": (bool, False, "decoupled models"),
 }
-_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
-_OUTPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
-_INPUT = {name: "shared memory; send tensors in the request" for name in _SHARED_MEMORY}
 
 
 def check_request_parameters(request: InferenceRequest) -> tuple[int, int]:
@@ -59,7 +56,7 @@ def check_request_parameters(request: InferenceRequest) -> tuple[int, int]:
 
 
 def check_input_parameters(model: str, tensor: EncodedTensor) -> None:
-    _check_tensor(f"model '{model}': input '{tensor.name}'", tensor.parameters, _INPUT)
+    _check_tensor(f"model '{model}': input '{tensor.name}'", tensor.parameters)
 
 
 def check_output_parameters(model: str, output: RequestedOutput) -> int:
@@ -73,17 +70,14 @@ def check_output_parameters(model: str, output: RequestedOutput) -> int:
         )
     if "classification" in output.parameters and count <= 0:
         raise InvalidArgument("invalid value for 'classification' parameter, expected >= 0")
-    _check_tensor(f"model '{model}': requested output '{output.name}'", parameters, _OUTPUT)
+    _check_tensor(f"model '{model}': requested output '{output.name}'", parameters)
     return count
 
 
-def _check_tensor(where: str, parameters: Mapping[str, Parameter], known: dict[str, str]) -> None:
+def _check_tensor(where: str, parameters: Mapping[str, Parameter]) -> None:
+    """No tensor parameter is left to check: shared memory's are taken off by the data
+    plane, classification by the caller; any other is unknown."""
     for name in parameters:
-        if name in known:
-            raise Unimplemented(
-                f"{where}: parameter '{name}' asks for {known[name]}, which kapi does not "
-                "support yet"
-            )
         raise _unknown(f"{where}: parameter '{name}'")
 
 

@@ -124,6 +124,7 @@ class NodeServer:
         finally:
             await grpc_server.stop(0)
             await self.repository.close()
+            self.dataplane.shared_memory.close()
             for server in http_servers:
                 server.should_exit = True
             await asyncio.gather(*http_tasks, return_exceptions=True)
