@@ -207,3 +207,11 @@ def transpose_model() -> onnx.ModelProto:
         [tensor("INPUT0", TensorProto.FLOAT, ["rows", "columns"])],
         [tensor("OUTPUT0", TensorProto.FLOAT, ["columns", "rows"])],
     )
+
+
+def save_ensemble(repository: Path, name: str, config: str) -> Path:
+    """An ensemble: its config and an empty version directory, as Triton lays one out."""
+    model_dir = repository / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir

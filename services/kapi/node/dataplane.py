@@ -26,6 +26,7 @@ SERVER_NAME = "kapi"
 EXTENSIONS = (
     "classification",
     "model_repository",
+    "model_repository(unload_dependents)",
     "model_configuration",
     "statistics",
     "binary_tensor_data",
@@ -160,8 +161,10 @@ class DataPlane:
 
     async def unload(self, name: str, parameters: Mapping[str, Parameter | bytes]) -> None:
         self._check_model_control()
-        check_unload_parameters(name, parameters)
-        await self._to_the_end(self.repository.unload(name))
+        if check_unload_parameters(name, parameters):
+            await self._to_the_end(self.repository.unload_with_dependents(name))
+        else:
+            await self._to_the_end(self.repository.unload(name))
 
     async def _to_the_end(self, operation: Coroutine[object, object, None]) -> None:
         """A load or unload runs to its end even if its caller gives up (a client deadline

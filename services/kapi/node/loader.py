@@ -23,6 +23,13 @@ from kapi.node.config import (
     instance_count,
     model_shapes,
 )
+from kapi.node.ensemble import (
+    ENSEMBLE,
+    EnsembleScheduler,
+    ModelLookup,
+    check_composing,
+    steps_of,
+)
 from kapi.node.model import ModelVersion
 from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, TensorSpec, runtime_class
 from kapi.node.stats import ModelStats, NodeMetrics
@@ -77,6 +84,18 @@ async def load_version(
     return ModelVersion(
         config, version, runtime_name, runtime, stats, merges is not False, labels, shapes
     )
+
+
+def load_ensemble(
+    config: mc.ModelConfig, version: int, metrics: NodeMetrics, lookup: ModelLookup
+) -> ModelVersion:
+    """An ensemble version: its steps checked against the composing models loaded now."""
+    config = _copy(config)
+    steps = steps_of(config)
+    check_composing(config, steps, lookup)
+    scheduler = EnsembleScheduler(config.name, steps, lookup)
+    stats = ModelStats(metrics, config.name, str(version))
+    return ModelVersion(config, version, ENSEMBLE, None, stats, scheduler=scheduler)
 
 
 async def _load_runtime(runtime: Runtime, model: str, version: int, runtime_name: str) -> None:

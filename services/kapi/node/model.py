@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +22,18 @@ from kapi.node.stats import ModelStats
 from kapi.node.validation import RequestValidator, bytes_count_error
 
 log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    """What runs a model's jobs: a scheduler over its runtime, or an ensemble's steps."""
+
+    merges: bool
+
+    async def submit(self, job: Job) -> Arrays: ...
+
+    async def close(self) -> None: ...
+
+
 # Inputs that take more decoding than this (BYTES, typed contents), and BYTES outputs that
 # take more encoding, are converted off the event loop, so one large request cannot hold up
 # health checks and other requests.
@@ -38,12 +50,14 @@ class ModelVersion:
         config: mc.ModelConfig,
         version: int,
         runtime_name: str,
-        runtime: Runtime,
+        runtime: Runtime | None,
         stats: ModelStats,
         merges: bool = True,
         labels: dict[str, list[str]] | None = None,
         shapes: tuple[Shapes, Shapes] = ({}, {}),
+        scheduler: Executor | None = None,
     ) -> None:
+        """A model served by `runtime`, or (an ensemble) by `scheduler` alone."""
         self.config = config
         self.labels = labels or {}  # output -> class labels, for classification
         # Reshapes (after the batch dimension): inputs to the model's, outputs to the client's.
@@ -51,16 +65,17 @@ class ModelVersion:
         self._batching = config.max_batch_size > 0
         self.name = config.name
         self.version = version
-        self.platform = PLATFORM_OF[runtime_name]
+        self.platform = PLATFORM_OF.get(runtime_name, runtime_name)
         self.runtime = runtime
         self.stats = stats
         self.validator = RequestValidator(config)
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
-        self.scheduler = self._make_scheduler(merges)
+        self.scheduler: Executor = scheduler or self._make_scheduler(merges)
 
     def _make_scheduler(self, merges: bool) -> Scheduler:
+        assert self.runtime is not None  # only an ensemble has none, and its own scheduler
         if not self.config.HasField("dynamic_batching"):
             return Scheduler(self.name, self.runtime, self.stats)
         policy = self.config.dynamic_batching
@@ -140,6 +155,8 @@ class ModelVersion:
             for name, shape in self._to_model.items():
                 if name in arrays:
                     arrays[name] = self._reshape(name, arrays[name], shape)
+            if self.runtime is None:
+                return arrays
             return {name: self.runtime.prepare_input(name, array) for name, array in arrays.items()}
         except BytesCountError as exc:  # Triton's words, then kapi's
             error = bytes_count_error(self.name, exc.name, exc.expected, exc.given)
@@ -165,7 +182,8 @@ class ModelVersion:
             except TimeoutError:
                 log.warning("unloading with requests in flight", extra={"model": self.name})
             await asyncio.wait_for(self.scheduler.close(), RUNTIME_STOP_TIMEOUT_S)
-            await asyncio.wait_for(self.runtime.unload(), RUNTIME_STOP_TIMEOUT_S)
+            if self.runtime is not None:
+                await asyncio.wait_for(self.runtime.unload(), RUNTIME_STOP_TIMEOUT_S)
         except TimeoutError:
             log.error(
                 "the runtime did not stop in time; leaving it behind",

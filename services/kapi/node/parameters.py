@@ -114,9 +114,9 @@ def load_override(parameters: Mapping[str, Parameter | bytes]) -> LoadOverride |
     return None if config is None else LoadOverride(config, files)
 
 
-def check_unload_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> None:
-    """`unload_dependents` is honoured as it stands: kapi serves no ensembles, so a model
-    has no dependents to unload."""
+def check_unload_parameters(model: str, parameters: Mapping[str, Parameter | bytes]) -> bool:
+    """Whether the unload asks for the model's dependents too (`unload_dependents`: the
+    models an ensemble runs)."""
     for name, value in parameters.items():
         if name != "unload_dependents":
             raise InvalidArgument(f"unrecognized unload parameter '{name}'")
@@ -125,6 +125,7 @@ def check_unload_parameters(model: str, parameters: Mapping[str, Parameter | byt
                 f"invalid value type for unload parameter 'unload_dependents' of model "
                 f"'{model}', expected bool_param"
             )
+    return parameters.get("unload_dependents") is True
 
 
 def _unknown(what: str) -> InvalidArgument:

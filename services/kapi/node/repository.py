@@ -27,7 +27,8 @@ from kapi.node.config import (
     read_config,
     select_versions,
 )
-from kapi.node.loader import load_version
+from kapi.node.ensemble import composing_models, is_ensemble
+from kapi.node.loader import load_ensemble, load_version
 from kapi.node.model import ModelVersion
 from kapi.node.parameters import LoadOverride
 from kapi.node.stats import NodeMetrics
@@ -77,7 +78,9 @@ class ModelRepository:
             raise Unavailable(f"the model repository {self.root} cannot be read: {exc}") from exc
         return sorted(p.name for p in entries if not p.name.startswith("."))
 
-    async def load(self, name: str, override: LoadOverride | None = None) -> None:
+    async def load(
+        self, name: str, override: LoadOverride | None = None, chain: tuple[str, ...] = ()
+    ) -> None:
         """Load (or reload) a model; raises why it failed, having marked it UNAVAILABLE with
         that reason (a model that was serving keeps serving its old versions). An override
         loads its config in place of config.pbtxt, and with files, loads from those alone,
@@ -102,7 +105,7 @@ class ModelRepository:
             serving = entry.state == State.READY
             entry.state = State.READY if serving else State.LOADING
             try:
-                loaded = await self._load_versions(model_dir, config)
+                loaded = await self._load_versions(model_dir, config, (*chain, name))
             except BaseException as exc:
                 _remove(files_dir)
                 error = as_kapi_error(exc) if isinstance(exc, Exception) else None
@@ -137,14 +140,19 @@ class ModelRepository:
             return None
 
     async def _load_versions(
-        self, model_dir: Path, config: mc.ModelConfig | None
+        self, model_dir: Path, config: mc.ModelConfig | None, chain: tuple[str, ...]
     ) -> dict[int, ModelVersion]:
         config = config or read_config(model_dir)
         check_config(config)
         versions = select_versions(model_dir, config)
+        if is_ensemble(config):
+            await self._load_composing(config, chain)
         loaded: dict[int, ModelVersion] = {}
         try:
             for version in versions:
+                if is_ensemble(config):
+                    loaded[version] = load_ensemble(config, version, self._metrics, self.get)
+                    continue
                 loaded[version] = await load_version(
                     model_dir, version, config, self._metrics, self._default_max_batch_size
                 )
@@ -152,6 +160,52 @@ class ModelRepository:
             await self._unload_versions(loaded.values())
             raise
         return loaded
+
+    async def _load_composing(self, config: mc.ModelConfig, chain: tuple[str, ...]) -> None:
+        """As Triton loads by dependency: an ensemble's models that are not loaded load first."""
+        for model in composing_models(config):
+            if model in chain:
+                raise InvalidArgument(
+                    f"ensemble {config.name}: model '{model}' contains it, a cycle of "
+                    f"{' -> '.join((*chain, model))}"
+                )
+            entry = self._models.get(model)
+            if entry is None or entry.state != State.READY:
+                try:
+                    await self.load(model, chain=chain)
+                except KapiError as exc:
+                    raise InvalidArgument(
+                        f"ensemble {config.name}: its model '{model}' failed to load: {exc.message}"
+                    ) from exc
+
+    def dependents(self, name: str) -> list[str]:
+        """The models an ensemble runs that no other loaded ensemble runs."""
+        entry = self._models.get(name)
+        if entry is None or not entry.versions:
+            return []
+        config = max(entry.versions.items())[1].config
+        if not is_ensemble(config):
+            return []
+        others = {
+            model
+            for other, each in self._models.items()
+            if other != name and each.versions
+            for model in composing_models(max(each.versions.items())[1].config)
+            if is_ensemble(max(each.versions.items())[1].config)
+        }
+        return [model for model in composing_models(config) if model not in others]
+
+    async def unload_with_dependents(self, name: str) -> None:
+        """Unload an ensemble and, as Triton's unload_dependents does, the models it runs
+        that no other loaded ensemble runs (in turn, theirs)."""
+        dependents = self.dependents(name)
+        await self.unload(name)
+        for model in dependents:
+            await self.unload_with_dependents(model)
+
+    def is_ready(self, name: str) -> bool:
+        entry = self._models.get(name)
+        return entry is not None and entry.state == State.READY
 
     async def unload(self, name: str) -> None:
         """Unload a model. A model that failed to load is unloaded too: it then no longer

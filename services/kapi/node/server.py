@@ -203,6 +203,8 @@ class NodeServer:
         for name in names:
             if self._stop.is_set():
                 return
+            if self.repository.is_ready(name):  # loaded already, for an ensemble
+                continue
             try:
                 await self.repository.load(name)
             except NotFound as exc:  # asked for by name and not there: strict readiness sees it

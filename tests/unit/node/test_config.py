@@ -162,12 +162,6 @@ def test_sections_kapi_does_not_act_on_are_kept(tmp_path: Path, section: str) ->
             "CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ] }",
             id="sequence-control",
         ),
-        pytest.param('ensemble_scheduling { step: [ { model_name: "a" } ] }', id="ensemble-colon"),
-        pytest.param(
-            'platform: "ensemble" ensemble_scheduling { step [ { model_name: "a" '
-            'model_version: -1 input_map { key: "x" value: "y" } } ] }',
-            id="ensemble-list",
-        ),
         pytest.param("model_transaction_policy { decoupled: true }", id="decoupled"),
     ],
 )
@@ -175,6 +169,18 @@ def test_models_kapi_cannot_serve_are_refused(tmp_path: Path, section: str) -> N
     text = f'name: "resnet"\nmax_batch_size: 4\n{section}\n'
     text_format.Parse(text, triton_mc.ModelConfig())  # a valid Triton config all the same
     with pytest.raises(InvalidArgument, match=r"model 'resnet': .*not supported by kapi"):
+        check_config(read_config(_model_dir(tmp_path, text)))
+
+
+@pytest.mark.parametrize(
+    "section",
+    ['ensemble_scheduling { step: [ { model_name: "a" } ] }', 'platform: "ensemble"'],
+)
+def test_ensemble_scheduling_and_the_ensemble_platform_come_together(
+    tmp_path: Path, section: str
+) -> None:
+    text = f'name: "resnet"\n{section}\n'
+    with pytest.raises(InvalidArgument, match="ensemble_scheduling is for platform"):
         check_config(read_config(_model_dir(tmp_path, text)))
 
 
