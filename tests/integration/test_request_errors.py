@@ -263,10 +263,6 @@ def _with_parameter(name: str, value: object) -> service_pb2.ModelInferRequest:
 @pytest.mark.parametrize(
     ("name", "value", "feature"),
     [
-        ("sequence_id", 7, "sequence batching"),
-        ("sequence_id", "session-1", "sequence batching"),
-        ("sequence_start", True, "sequence batching"),
-        ("sequence_end", True, "sequence batching"),
         ("triton_enable_empty_final_response", True, "decoupled"),
     ],
 )

@@ -215,3 +215,33 @@ def save_ensemble(repository: Path, name: str, config: str) -> Path:
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     (model_dir / "config.pbtxt").write_text(config)
     return model_dir
+
+
+def accumulator_model() -> onnx.ModelProto:
+    """Triton QA's stateful accumulator, with implicit state: OUTPUT = READY * (INPUT + (START
+    ? 0 : STATE_IN)), STATE_OUT = OUTPUT, CORR = CORRID; every tensor [batch, 1]."""
+    rows = ["batch", 1]
+    return graph_model(
+        [
+            helper.make_node("Sub", ["one", "START"], ["keep"]),
+            helper.make_node("Mul", ["STATE_IN", "keep"], ["carried"]),
+            helper.make_node("Add", ["carried", "INPUT"], ["sum"]),
+            helper.make_node("Mul", ["sum", "READY"], ["OUTPUT"]),
+            helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"]),
+            helper.make_node("Identity", ["CORRID"], ["CORR"]),
+        ],
+        [
+            tensor("INPUT", TensorProto.INT32, rows),
+            tensor("START", TensorProto.INT32, rows),
+            tensor("READY", TensorProto.INT32, rows),
+            tensor("CORRID", TensorProto.UINT64, rows),
+            tensor("STATE_IN", TensorProto.INT32, rows),
+        ],
+        [
+            tensor("OUTPUT", TensorProto.INT32, rows),
+            tensor("STATE_OUT", TensorProto.INT32, rows),
+            tensor("CORR", TensorProto.UINT64, rows),
+        ],
+        [np.array(1, dtype=np.int32)],
+        ["one"],
+    )

@@ -120,7 +120,7 @@ def check_composing(config: mc.ModelConfig, steps: list[Step], lookup: ModelLook
             ("input", step.inputs, model_inputs),
             ("output", step.outputs, model_outputs),
         ):
-            for model_tensor, ensemble_tensor in mapping.items():
+            for model_tensor, ensemble_tensor in sorted(mapping.items()):
                 if model_tensor not in tensors:
                     raise InvalidArgument(
                         f"in ensemble {config.name}, step of model '{step.model}': the model "

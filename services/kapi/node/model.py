@@ -18,6 +18,7 @@ from kapi.node.classification import classify
 from kapi.node.config import Shapes
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
 from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
+from kapi.node.sequences import SequenceBatcher, inner_batching
 from kapi.node.stats import ModelStats
 from kapi.node.validation import RequestValidator, bytes_count_error
 
@@ -74,8 +75,17 @@ class ModelVersion:
         self._drained.set()
         self.scheduler: Executor = scheduler or self._make_scheduler(merges)
 
-    def _make_scheduler(self, merges: bool) -> Scheduler:
+    def _make_scheduler(self, merges: bool) -> Executor:
         assert self.runtime is not None  # only an ensemble has none, and its own scheduler
+        if self.config.HasField("sequence_batching"):
+            policy = inner_batching(self.config)
+            if policy is None or not merges:
+                inner: Scheduler = Scheduler(self.name, self.runtime, self.stats)
+            else:
+                inner = DynamicBatcher(
+                    self.name, self.runtime, self.stats, self.config.max_batch_size, policy
+                )
+            return SequenceBatcher(self.config, inner)
         if not self.config.HasField("dynamic_batching"):
             return Scheduler(self.name, self.runtime, self.stats)
         policy = self.config.dynamic_batching
@@ -106,8 +116,13 @@ class ModelVersion:
                 batch_size=checked.batch_size,
                 signature=checked.signature,
                 future=asyncio.get_running_loop().create_future(),
-                priority=checked.priority,
-                timeout_us=checked.timeout_us,
+                priority=checked.scheduling.priority,
+                timeout_us=checked.scheduling.timeout_us,
+                sequence=(
+                    checked.scheduling.sequence_id,
+                    checked.scheduling.sequence_start,
+                    checked.scheduling.sequence_end,
+                ),
             )
             outputs = await self.scheduler.submit(job)
             for name, shape in self._to_client.items():
@@ -144,7 +159,9 @@ class ModelVersion:
         return tensors
 
     async def _decode(self, tensors: list[EncodedTensor]) -> Arrays:
-        if sum(tensor.decode_cost for tensor in tensors) > OFF_LOOP_BYTES:
+        # A sequence's requests must reach its scheduler in their order: decoded on the loop.
+        sequential = self.config.HasField("sequence_batching")
+        if sum(tensor.decode_cost for tensor in tensors) > OFF_LOOP_BYTES and not sequential:
             return await asyncio.to_thread(self._decode_now, tensors)
         return self._decode_now(tensors)
 

@@ -16,8 +16,21 @@ from dataclasses import dataclass
 from kapi.core.errors import InvalidArgument, Unimplemented
 from kapi.core.inference import EncodedTensor, InferenceRequest, Parameter, RequestedOutput
 
-# Honoured: the priority level and queue timeout (microseconds) a request asks for.
-_SCHEDULING = ("priority", "timeout")
+# Honoured: the priority level, queue timeout (microseconds) and sequence a request asks for.
+_SCHEDULING = ("priority", "timeout", "sequence_id", "sequence_start", "sequence_end")
+
+
+@dataclass(frozen=True, slots=True)
+class Scheduling:
+    """How a request asks to be scheduled (Triton's request parameters)."""
+
+    priority: int = 0
+    timeout_us: int = 0
+    sequence_id: int | str = 0  # 0: none
+    sequence_start: bool = False
+    sequence_end: bool = False
+
+
 # name -> (the type Triton requires, its default, what it asks for)
 _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
     "priority": (int, 0, ""),
@@ -29,8 +42,8 @@ _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
 }
 
 
-def check_request_parameters(request: InferenceRequest) -> tuple[int, int]:
-    """The request's priority and timeout (0 when not given), its other parameters checked."""
+def check_request_parameters(request: InferenceRequest) -> Scheduling:
+    """How the request is to be scheduled, its other parameters checked."""
     for name, value in request.parameters.items():
         rule = _REQUEST.get(name)
         if rule is None:
@@ -49,10 +62,14 @@ def check_request_parameters(request: InferenceRequest) -> tuple[int, int]:
                 f"request parameter '{name}' ({value!r}) asks for {feature}, which kapi does "
                 "not support yet"
             )
-    priority, timeout = (request.parameters.get(name, 0) for name in _SCHEDULING)
-    assert isinstance(priority, int)  # checked above
-    assert isinstance(timeout, int)
-    return priority, timeout
+    given = request.parameters
+    return Scheduling(
+        priority=int(given.get("priority", 0)),
+        timeout_us=int(given.get("timeout", 0)),
+        sequence_id=given.get("sequence_id", 0),  # type: ignore[arg-type]  # checked above
+        sequence_start=bool(given.get("sequence_start", False)),
+        sequence_end=bool(given.get("sequence_end", False)),
+    )
 
 
 def check_input_parameters(model: str, tensor: EncodedTensor) -> None:

@@ -44,6 +44,7 @@ class Job:
     timeout_us: int = 0  # the request's `timeout` parameter (0: the policy's)
     level: int = 0  # its priority level, once queued
     delayed: bool = False  # its wait timed out under a DELAY policy
+    sequence: tuple[int | str, bool, bool] = (0, False, False)  # id, start, end
     forming: bool = False  # it is in a batch an instance is forming
     expired: bool = False  # its wait timed out while its batch formed
 

@@ -4,7 +4,7 @@ it decodes to exactly the tensors the model takes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument, ResourceExhausted
@@ -13,6 +13,7 @@ from kapi.core.tensors import Tensor, check_raw_size
 from kapi.node.classification import CLASSIFIABLE
 from kapi.node.config import oip_datatype
 from kapi.node.parameters import (
+    Scheduling,
     check_input_parameters,
     check_output_parameters,
     check_request_parameters,
@@ -34,8 +35,7 @@ class CheckedRequest:
     classifications: dict[str, int]  # output -> top k to return as classes
     batch_size: int  # 0 for a model that does not batch
     signature: Signature  # requests merge only when their non-batch shapes agree
-    priority: int = 0
-    timeout_us: int = 0
+    scheduling: Scheduling = field(default_factory=Scheduling)
 
 
 class RequestValidator:
@@ -52,7 +52,7 @@ class RequestValidator:
         self.limits = RequestLimits(2 * len(self._inputs) + 8, 2 * len(self._outputs) + 8)
 
     def check(self, request: InferenceRequest) -> CheckedRequest:
-        priority, timeout_us = check_request_parameters(request)
+        scheduling = check_request_parameters(request)
         given = {tensor.name: tensor for tensor in request.inputs}
         if len(given) != len(request.inputs):
             raise InvalidArgument(f"model '{self.model}': an input is given more than once")
@@ -78,8 +78,7 @@ class RequestValidator:
             inputs=list(given.values()),
             outputs=outputs,
             classifications=classifications,
-            priority=priority,
-            timeout_us=timeout_us,
+            scheduling=scheduling,
             batch_size=batch_sizes.pop() if self.max_batch_size > 0 and batch_sizes else 0,
             signature=signature,
         )

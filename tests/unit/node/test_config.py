@@ -156,12 +156,7 @@ def test_sections_kapi_does_not_act_on_are_kept(tmp_path: Path, section: str) ->
 @pytest.mark.parametrize(
     "section",
     [
-        pytest.param("sequence_batching { max_sequence_idle_microseconds: 5000 }", id="sequence"),
-        pytest.param(
-            'sequence_batching { control_input [ { name: "START" control [ { kind: '
-            "CONTROL_SEQUENCE_START fp32_false_true: [ 0, 1 ] } ] } ] }",
-            id="sequence-control",
-        ),
+        pytest.param("sequence_batching { iterative_sequence: true }", id="iterative-sequence"),
         pytest.param("model_transaction_policy { decoupled: true }", id="decoupled"),
     ],
 )

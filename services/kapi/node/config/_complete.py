@@ -98,8 +98,14 @@ def complete_config(
         if config.max_batch_size > 1 and config.WhichOneof("scheduling_choice") is None:
             config.dynamic_batching.SetInParent()
     skip = 1 if config.max_batch_size > 0 else 0
-    _complete_tensors(config.name, config.input, inputs, skip, "input")
-    _complete_tensors(config.name, config.output, outputs, skip, "output")
+    hidden_in, hidden_out = _hidden(config)  # a sequence's controls and state: not a client's
+    _complete_tensors(
+        config.name, config.input, [s for s in inputs if s.name not in hidden_in], skip, "input"
+    )
+    _complete_tensors(
+        config.name, config.output, [s for s in outputs if s.name not in hidden_out], skip,
+        "output",
+    )  # fmt: skip
     _fill_defaults(config)
 
 
@@ -107,6 +113,15 @@ def autocompletes_batching(config: mc.ModelConfig) -> bool:
     """Whether completion may give the model a max_batch_size: as in Triton's ONNX Runtime
     backend, not when the config declares both inputs and outputs, or a max_batch_size."""
     return not (config.input and config.output) and not config.max_batch_size
+
+
+def _hidden(config: mc.ModelConfig) -> tuple[set[str], set[str]]:
+    batching = config.sequence_batching
+    controls = {control.name for control in batching.control_input}
+    return (
+        controls | {state.input_name for state in batching.state},
+        {state.output_name for state in batching.state},
+    )
 
 
 def _fill_defaults(config: mc.ModelConfig) -> None:
@@ -118,6 +133,14 @@ def _fill_defaults(config: mc.ModelConfig) -> None:
     unset = config.HasField("dynamic_batching") and not batching.preferred_batch_size
     if unset and config.max_batch_size > 0:
         batching.preferred_batch_size.append(config.max_batch_size)
+    if config.HasField("sequence_batching"):
+        sequences = config.sequence_batching
+        if not sequences.max_sequence_idle_microseconds:
+            sequences.max_sequence_idle_microseconds = 1_000_000  # Triton's default
+        oldest = sequences.oldest
+        unset = sequences.HasField("oldest") and not oldest.preferred_batch_size
+        if unset and config.max_batch_size > 0:
+            oldest.preferred_batch_size.append(config.max_batch_size)
 
 
 def _complete_tensors(

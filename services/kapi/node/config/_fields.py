@@ -5,7 +5,7 @@ Three answers, as Triton compatibility is exact or explicit:
 - ignored, with a warning at load naming the field: hints and policies whose absence changes
   how a model runs, never what it answers (optimization, warmup);
 - refused: the model fails to load with a clear error, because serving it without the field
-  would give other answers than Triton (ragged batching, sequences).
+  would give other answers than Triton (ragged batching, shape tensors).
 A field this table does not name is refused, so a field nobody classified never passes unseen.
 """
 
@@ -36,6 +36,13 @@ _RULES: Rules = {
     "default_model_filename": "act",
     "model_transaction_policy": "act",  # decoupled: true is refused below, with its reason
     "ensemble_scheduling": "act",  # checked when the ensemble loads (kapi.node.ensemble)
+    "sequence_batching": {
+        **dict.fromkeys(
+            ("max_sequence_idle_microseconds", "control_input", "direct", "oldest", "state"),
+            "act",
+        ),
+        "iterative_sequence": "refuse",
+    },
     "input": {
         **dict.fromkeys(("name", "data_type", "dims", "optional", "reshape"), "act"),
         "format": "ignore",  # Triton passes it to backends as a hint; ONNX models fix layout
@@ -110,11 +117,6 @@ def _classify(message: Message, rules: Rules, path: str, found: dict[Treatment, 
 
 def _check_servable(config: mc.ModelConfig) -> None:
     scheduling = config.WhichOneof("scheduling_choice")
-    if scheduling == "sequence_batching":
-        raise InvalidArgument(
-            f"model '{config.name}': sequence_batching is not supported by kapi; serve "
-            "stateless models with dynamic_batching or no scheduler"
-        )
     if (scheduling == "ensemble_scheduling") != (config.platform == "ensemble"):
         raise InvalidArgument(  # Triton's rule: the one comes with the other
             f"model '{config.name}': ensemble_scheduling is for platform \"ensemble\", and "
