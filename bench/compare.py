@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,33 +22,22 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from nodebench.contenders import TritonTarget
+from nodebench.contenders import GrpcTarget
 from nodebench.load import run_closed_loop
-from nodebench.models import build_models
-from nodebench.process import serving
+from nodebench.models import MODELS, build_models
+from nodebench.process import Server, serving
 from nodebench.servers import Deployment, ServingSettings, kapi_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of a process."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-Nodes = dict[str, tuple[TritonTarget, int]]
+Nodes = dict[str, tuple[GrpcTarget, Server]]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the commit to compare against")
-    parser.add_argument("--model", default="mlp", choices=["convnet", "convnet-small", "mlp"])
+    parser.add_argument("--model", default="mlp", choices=MODELS)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--measure-s", type=float, default=3.0)
@@ -84,16 +72,15 @@ def _start_nodes(root: Path, rev: str, model: str, stack: contextlib.ExitStack) 
     git = ["git", "-C", str(REPO), "worktree"]
     subprocess.run([*git, "add", "-q", "--detach", str(base), rev], check=True)
     stack.callback(subprocess.run, [*git, "remove", "--force", str(base)], check=False)
-    spec = next(s for s in build_models(root) if s.name == model)
+    [spec] = build_models(root, [model])
     deployment = [Deployment(model, spec, 1, batching=False)]
     settings = ServingSettings(1, 1, 16, 500, 0)
     nodes: Nodes = {}
     for name, services in (("base", base / "services"), ("tree", REPO / "services")):
         command = kapi_command(root / name, deployment, settings)
         argv = ["env", f"PYTHONPATH={services}", *command.argv]
-        ports = stack.enter_context(serving(dataclasses.replace(command, argv=argv)))
-        pid = subprocess.check_output(["pgrep", "-f", "--", f"grpc-port {ports.grpc}"])
-        nodes[name] = (TritonTarget(ports.grpc_url, model, spec), int(pid.split()[-1]))
+        server = stack.enter_context(serving(dataclasses.replace(command, argv=argv)))
+        nodes[name] = (GrpcTarget(server.ports.grpc_url, model, spec), server)
     return nodes
 
 
@@ -105,10 +92,10 @@ def _measure(
     cpu_us: dict[str, list[float]] = {name: [] for name in nodes}
     for index in range(rounds):
         for name in ("base", "tree") if index % 2 == 0 else ("tree", "base"):
-            target, pid = nodes[name]
-            before = cpu_seconds(pid)
-            run = run_closed_loop(target.make_call, concurrency, 1.0, measure_s)
-            cpu_us[name].append((cpu_seconds(pid) - before) / len(run.latencies) * 1e6)
+            target, server = nodes[name]
+            run = run_closed_loop(target.make_call, concurrency, 1.0, measure_s, server.cpu_seconds)
+            assert run.server_cpu_s is not None
+            cpu_us[name].append(run.server_cpu_s / len(run.latencies) * 1e6)
             target.release()
             rps[name].append(run.throughput)
     return rps, cpu_us

@@ -1,14 +1,19 @@
-"""Benchmark the kapi node against its ceiling and a peer, side by side, in one run.
+"""Benchmark the kapi node against its ceiling and two peers, side by side, in one run.
 
-Three models built here (ResNet-18 and a smaller ResNet on 1x3x224x224, a memory-bound
-2048-wide MLP), three kinds of contender (ONNX Runtime called in this process; a kapi node and
-MLServer over OIP gRPC through tritonclient, each a subprocess on loopback ports), batch-1
-requests from 1 and 8 closed-loop client threads. Every contender uses the same ONNX Runtime
-thread settings. Both servers stay up for the whole run and every cell is measured in several
-short rounds, interleaved, so a slow minute of the machine does not land on one contender only.
-Prints a table and the ratios the node is held to; writes bench/results/node-<time>.json.
+Four models built here (ResNet-18 and a smaller ResNet on 1x3x224x224, a memory-bound
+2048-wide MLP, Triton's 16-element INT32 add/sub `simple`), and these contenders: ONNX
+Runtime called in this process; a kapi node over OIP gRPC, over KServe v2 REST with binary
+tensors, and over gRPC with the tensors in system shared memory; NVIDIA Triton 2.51 (python
+backend running ONNX Runtime) and MLServer over gRPC, all through tritonclient, each server a
+subprocess on loopback ports. Batch-1 requests from 1 and 8 closed-loop client threads. Every
+contender uses the same ONNX Runtime thread settings and every server the same executions at
+once. The servers stay up for the whole run and every cell is measured in several short
+rounds, interleaved, so a slow minute of the machine does not land on one contender only.
+Prints a table (with each server's CPU time per request) and the ratios the node is held to;
+writes bench/results/node-<time>.json.
 
-    .venv/bin/python bench/node.py [--rounds 5] [--measure-s 3] [--no-peer]
+    .venv/bin/python bench/node.py [--rounds 5] [--measure-s 3] [--no-triton] [--no-mlserver]
+        [--models addsub convnet-small] [--contenders in-process kapi kapi-shm]
 """
 
 from __future__ import annotations
@@ -28,32 +33,48 @@ from pathlib import Path
 from types import FrameType
 
 import numpy as np
-import numpy.typing as npt
 from nodebench import contenders
-from nodebench.load import LoadRun, run_closed_loop, summarize
-from nodebench.models import ModelSpec, build_models
-from nodebench.process import Ports, serving
+from nodebench.load import CpuClock, LoadRun, run_closed_loop, summarize
+from nodebench.models import MODELS, Array, ModelSpec, build_models
+from nodebench.process import Server, ServerCommand, serving
 from nodebench.report import Row, ratio_table, ratios, table, write_json
 from nodebench.servers import (
     MLSERVER_VERSION,
+    TRITON_DEFAULT_VENV,
+    TRITON_VERSION,
     Deployment,
     ServingSettings,
     ensure_mlserver,
+    ensure_triton,
     kapi_command,
     mlserver_command,
+    triton_command,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-CONTENDERS = ("in-process", "kapi", "kapi+batching", "mlserver", "mlserver+batching")
-MODELS = ("convnet", "convnet-small", "mlp")
+SERVERS = ("kapi", "triton", "mlserver")
+CONTENDERS = (
+    "in-process",
+    "kapi",
+    "kapi-rest",
+    "kapi-shm",
+    "kapi+batching",
+    "triton",
+    "triton+batching",
+    "mlserver",
+    "mlserver+batching",
+)
 # Executions at once, per model, for every server: the compute-bound conv nets run one per
 # core. The MLP runs one at a time, batched or not, so that its batching on/off pair differs
 # in the batching switch only (a second instance makes the unbatched MLP ~1.2x faster here,
-# but splits the batched one's queue into smaller batches and makes it ~10% slower).
-INSTANCES = {"convnet": 2, "convnet-small": 2, "mlp": 1}
+# but splits the batched one's queue into smaller batches and makes it ~10% slower). The
+# add/sub model computes next to nothing: one instance, as Triton's `simple` has.
+INSTANCES = {"convnet": 2, "convnet-small": 2, "mlp": 1, "addsub": 1}
 BATCHED_MODELS = ("mlp",)  # served a second time with the server's dynamic batching on
-References = dict[str, npt.NDArray[np.float32]]
+# kapi-shm: where the tensors are big enough for their transport to matter.
+SHARED_MEMORY_MODELS = ("convnet", "convnet-small")
+References = dict[str, list[Array]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,32 +86,57 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
+class Selection:
+    """What this run measures: the models, the contenders, and where the peers live (None:
+    that peer is skipped)."""
+
+    models: tuple[str, ...]
+    contenders: tuple[str, ...]
+    instances: int | None
+    mlserver_venv: Path | None
+    triton_venv: Path | None
+
+    def serves(self, server: str) -> bool:
+        """Whether a chosen contender calls `server`, and it is not skipped."""
+        skipped = {"triton": self.triton_venv is None, "mlserver": self.mlserver_venv is None}
+        if skipped.get(server, False):
+            return False
+        return any(_server_of(contender) == server for contender in self.contenders)
+
+
+@dataclass(frozen=True, slots=True)
 class Cell:
-    """One line of the table: a model, a contender, a concurrency, and what to call."""
+    """One line of the table: a model, a contender, a concurrency, what to call and, for a
+    server, its CPU clock."""
 
     model: str
     contender: str
     concurrency: int
     target: contenders.Target
+    cpu: CpuClock | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
     plan = Plan(tuple(args.concurrency), args.rounds, args.warmup_s, args.measure_s)
+    selection = Selection(
+        models=tuple(m for m in MODELS if m in args.models),
+        contenders=tuple(c for c in CONTENDERS if c in args.contenders),
+        instances=args.instances,
+        mlserver_venv=args.mlserver_venv if args.mlserver else None,
+        triton_venv=args.triton_venv if args.triton else None,
+    )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # unwinds, so servers are stopped
     started, clock = datetime.now(), time.perf_counter()
-    venv = args.mlserver_venv if args.peer else None
     with tempfile.TemporaryDirectory(prefix="kapi-bench-") as tmp, contextlib.ExitStack() as stack:
-        cells = _prepare(Path(tmp), settings, plan, venv, args.instances, stack)
+        cells = _prepare(Path(tmp), settings, plan, selection, stack)
         rows = _measure_rounds(cells, plan)
     found = ratios(rows)
     elapsed = time.perf_counter() - clock
     print(f"\n{table(rows)}\n\n{ratio_table(found)}\n")
     path = RESULTS / f"node-{started:%Y%m%d-%H%M%S}.json"
-    instances = {model: args.instances or INSTANCES[model] for model in MODELS}
-    meta = _meta(started, elapsed, settings, instances, plan, args.peer)
-    write_json(path, rows, found, meta)
+    write_json(path, rows, found, _meta(started, elapsed, settings, selection, plan))
     print(f"{elapsed:.0f} s in all; results in {path.relative_to(REPO)}")
     return 0
 
@@ -99,29 +145,41 @@ def _prepare(
     root: Path,
     settings: ServingSettings,
     plan: Plan,
-    venv: Path | None,
-    instances: int | None,
+    selection: Selection,
     stack: contextlib.ExitStack,
 ) -> list[Cell]:
     """Build the models, start the servers (stopped when `stack` closes), list the cells."""
     print("building models ...", flush=True)
-    specs = build_models(root)
+    specs = build_models(root, selection.models)
     references = {spec.name: _reference(spec, settings) for spec in specs}
-    deployments = _deployments(specs, instances)
-    commands = [kapi_command(root / "kapi", deployments, settings)]
-    if venv is not None:
-        ensure_mlserver(venv)
-        commands.append(mlserver_command(root / "mlserver", deployments, settings, venv))
-    cells = _in_process_cells(specs, settings, plan)
-    for command in commands:
+    batching = any(c.endswith("+batching") for c in selection.contenders)
+    deployments = _deployments(specs, selection.instances, batching)
+    cells = _in_process_cells(specs, settings, plan) if "in-process" in selection.contenders else []
+    for command in _commands(root, deployments, settings, selection):
         print(f"starting {command.name} ...", flush=True)
-        ports = stack.enter_context(serving(command))
-        cells += _server_cells(command.name, ports, deployments, plan, references)
+        server = stack.enter_context(serving(command))
+        cells += _server_cells(server, deployments, plan, references, selection.contenders)
     order = {name: index for index, name in enumerate(CONTENDERS)}
     return sorted(cells, key=lambda c: (MODELS.index(c.model), order[c.contender], c.concurrency))
 
 
-def _deployments(specs: list[ModelSpec], instances: int | None) -> list[Deployment]:
+def _commands(
+    root: Path, deployments: list[Deployment], settings: ServingSettings, selection: Selection
+) -> list[ServerCommand]:
+    """The servers the selected contenders need, peers installed on first use."""
+    commands = []
+    if selection.serves("kapi"):
+        commands.append(kapi_command(root / "kapi", deployments, settings))
+    if (venv := selection.triton_venv) is not None and selection.serves("triton"):
+        ensure_triton(venv)
+        commands.append(triton_command(root / "triton", deployments, settings, venv))
+    if (venv := selection.mlserver_venv) is not None and selection.serves("mlserver"):
+        ensure_mlserver(venv)
+        commands.append(mlserver_command(root / "mlserver", deployments, settings, venv))
+    return commands
+
+
+def _deployments(specs: list[ModelSpec], instances: int | None, batching: bool) -> list[Deployment]:
     plain = [
         Deployment(spec.name, spec, instances or INSTANCES[spec.name], batching=False)
         for spec in specs
@@ -129,7 +187,7 @@ def _deployments(specs: list[ModelSpec], instances: int | None) -> list[Deployme
     batched = [
         Deployment(f"{spec.name}-batched", spec, instances or INSTANCES[spec.name], batching=True)
         for spec in specs
-        if spec.name in BATCHED_MODELS
+        if batching and spec.name in BATCHED_MODELS
     ]
     return plain + batched
 
@@ -143,16 +201,39 @@ def _in_process_cells(specs: list[ModelSpec], settings: ServingSettings, plan: P
 
 
 def _server_cells(
-    server: str, ports: Ports, deployments: list[Deployment], plan: Plan, references: References
+    server: Server,
+    deployments: list[Deployment],
+    plan: Plan,
+    references: References,
+    chosen: tuple[str, ...],
 ) -> list[Cell]:
+    """Every way of calling each of the server's deployments: gRPC; for kapi also REST and
+    (on the big tensors) gRPC with shared memory. Each is checked before it is timed."""
     cells = []
     for deployment in deployments:
-        contender = f"{server}+batching" if deployment.batching else server
-        spec = deployment.spec
-        target = contenders.TritonTarget(ports.grpc_url, deployment.served_name, spec)
-        _check_output(target, contender, references[spec.name])
-        cells += [Cell(spec.name, contender, c, target) for c in plan.concurrency]
+        for contender, target in _targets(server, deployment):
+            if contender not in chosen:
+                continue
+            _check_output(target, contender, references[deployment.spec.name])
+            cells += [
+                Cell(deployment.spec.name, contender, c, target, server.cpu_seconds)
+                for c in plan.concurrency
+            ]
     return cells
+
+
+def _targets(server: Server, deployment: Deployment) -> list[tuple[str, contenders.ServedTarget]]:
+    name, spec, grpc_url = deployment.served_name, deployment.spec, server.ports.grpc_url
+    if deployment.batching:
+        return [(f"{server.name}+batching", contenders.GrpcTarget(grpc_url, name, spec))]
+    targets: list[tuple[str, contenders.ServedTarget]] = [
+        (server.name, contenders.GrpcTarget(grpc_url, name, spec))
+    ]
+    if server.name == "kapi":
+        targets.append(("kapi-rest", contenders.HttpTarget(server.ports.http_url, name, spec)))
+        if spec.name in SHARED_MEMORY_MODELS:
+            targets.append(("kapi-shm", contenders.SharedMemoryTarget(grpc_url, name, spec)))
+    return targets
 
 
 def _measure_rounds(cells: list[Cell], plan: Plan) -> list[Row]:
@@ -170,30 +251,42 @@ def _measure_rounds(cells: list[Cell], plan: Plan) -> list[Row]:
 def _measure(cell: Cell, plan: Plan) -> LoadRun:
     try:
         target = cell.target
-        run = run_closed_loop(target.make_call, cell.concurrency, plan.warmup_s, plan.measure_s)
+        run = run_closed_loop(
+            target.make_call, cell.concurrency, plan.warmup_s, plan.measure_s, cell.cpu
+        )
     finally:
         cell.target.release()
+    cpu = ""
+    if run.server_cpu_s is not None:
+        cpu = f" {run.server_cpu_s / len(run.latencies) * 1e6:8.0f} server CPU us/req"
     print(
         f"  {cell.model:<13} {cell.contender:<18} c={cell.concurrency:<2} "
-        f"{run.throughput:8.1f} req/s",
+        f"{run.throughput:8.1f} req/s{cpu}",
         flush=True,
     )
     return run
 
 
-def _reference(spec: ModelSpec, settings: ServingSettings) -> npt.NDArray[np.float32]:
-    session = contenders.session(spec, settings)
-    output: npt.NDArray[np.float32] = session.run(None, {spec.input_name: spec.sample(1)})[0]
-    return output
+def _reference(spec: ModelSpec, settings: ServingSettings) -> list[Array]:
+    """ONNX Runtime's answer to the check request; where numpy knows the answer (add/sub), ONNX
+    Runtime is held to it too."""
+    feed = spec.sample(1)
+    outputs: list[Array] = contenders.session(spec, settings).run(spec.output_names, feed)
+    if spec.expected is not None:
+        _compare(outputs, spec.expected(feed), f"ONNX Runtime answered {spec.name}")
+    return outputs
 
 
-def _check_output(
-    target: contenders.TritonTarget, contender: str, expected: npt.NDArray[np.float32]
-) -> None:
+def _check_output(target: contenders.ServedTarget, contender: str, expected: list[Array]) -> None:
     """A contender that answers wrongly would be measured doing something else."""
     got = target.infer_once(target.spec.sample(1))
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4, atol=1e-4):
-        raise RuntimeError(f"{contender} answered {target.served_name} differently from ORT")
+    _compare(got, expected, f"{contender} answered {target.served_name}")
+
+
+def _compare(got: list[Array], expected: list[Array], what: str) -> None:
+    for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+        if a.shape != b.shape or a.dtype != b.dtype or not np.allclose(a, b, rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"{what}: output {index} differs from the reference")
 
 
 def _settings(args: argparse.Namespace) -> ServingSettings:
@@ -210,13 +303,14 @@ def _meta(
     started: datetime,
     elapsed: float,
     settings: ServingSettings,
-    instances: dict[str, int],
+    selection: Selection,
     plan: Plan,
-    peer: bool,
 ) -> dict[str, object]:
     packages = ["kapi", "onnxruntime", "torch", "tritonclient", "grpcio", "numpy"]
     versions = {name: version(name) for name in packages}
-    if peer:
+    if selection.serves("triton"):
+        versions["tritonserver"] = TRITON_VERSION
+    if selection.serves("mlserver"):
         versions["mlserver"] = MLSERVER_VERSION
     return {
         "started": started.isoformat(timespec="seconds"),
@@ -224,9 +318,17 @@ def _meta(
         "machine": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
         "versions": versions,
         "settings": asdict(settings),
-        "instances": instances,
+        "instances": {m: selection.instances or INSTANCES[m] for m in selection.models},
         "plan": asdict(plan),
+        "models": list(selection.models),
+        "contenders": list(selection.contenders),
     }
+
+
+def _server_of(contender: str) -> str | None:
+    """The server a contender calls (None: in-process)."""
+    name = contender.split("+")[0].removesuffix("-rest").removesuffix("-shm")
+    return name if name in SERVERS else None
 
 
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -249,8 +351,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mlserver-workers", type=int, default=0, help="MLServer parallel_workers (0: in-process)"
     )
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to measure"
+    )
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        choices=CONTENDERS,
+        default=list(CONTENDERS),
+        help="contenders to measure (a server none of them needs is not started)",
+    )
     parser.add_argument("--mlserver-venv", type=Path, default=REPO / ".venv-mlserver")
-    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip MLServer")
+    parser.add_argument(
+        "--triton-venv",
+        type=Path,
+        default=TRITON_DEFAULT_VENV,
+        help="Triton's venv, made by bench/tritonpeer/setup.sh on first use "
+        "(default $KAPI_TRITON_VENV or /opt/kapi-triton/venv)",
+    )
+    parser.add_argument("--no-triton", dest="triton", action="store_false", help="skip Triton")
+    parser.add_argument(
+        "--no-mlserver",
+        "--no-peer",
+        dest="mlserver",
+        action="store_false",
+        help="skip MLServer (--no-peer, its old name, skips MLServer only)",
+    )
     return parser
 
 

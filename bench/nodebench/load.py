@@ -1,7 +1,9 @@
 """Closed-loop load: `concurrency` threads, each sending one request at a time, for a fixed
 time after a warm-up. Every contender (in-process session or a server behind tritonclient)
 is driven through the same loop, so the numbers differ only by what serves the request.
-A cell is measured in several short rounds; `summarize` pools them."""
+A cell is measured in several short rounds; `summarize` pools them. For a served contender
+the server's CPU time is read at the start and the end of each measured round, when no
+request is in flight, so it is the CPU the round's requests cost the server."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ import numpy as np
 Call = Callable[[], object]
 # Called once per thread: a thread gets its own client, as a separate caller would have.
 CallFactory = Callable[[], Call]
+CpuClock = Callable[[], float]  # seconds of CPU a server has used so far
 
 
 @dataclass(frozen=True, slots=True)
 class LoadRun:
-    """One measured round: every request's latency (seconds) and the round's length."""
+    """One measured round: every request's latency (seconds), the round's length and, for a
+    server, the CPU seconds it used in the round."""
 
     latencies: list[float]
     seconds: float
+    server_cpu_s: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -38,6 +43,7 @@ class LoadResult:
     throughput_max: float
     p50_ms: float  # latency percentiles over every request of every round
     p99_ms: float
+    server_cpu_us: float | None  # server CPU per request over every round; None: no server
 
 
 @dataclass(slots=True)
@@ -46,20 +52,28 @@ class _Window:
 
     warmup_s: float
     measure_s: float
+    cpu: CpuClock | None
     warm_until: float = 0.0
     start: float = 0.0
     deadline: float = 0.0
+    cpu_start: float = 0.0
     errors: list[BaseException] = field(default_factory=list)
 
     def open(self) -> None:
+        if self.cpu is not None:
+            self.cpu_start = self.cpu()
         self.start = time.perf_counter()
         self.deadline = self.start + self.measure_s
 
 
 def run_closed_loop(
-    make_call: CallFactory, concurrency: int, warmup_s: float, measure_s: float
+    make_call: CallFactory,
+    concurrency: int,
+    warmup_s: float,
+    measure_s: float,
+    cpu: CpuClock | None = None,
 ) -> LoadRun:
-    window = _Window(warmup_s, measure_s)
+    window = _Window(warmup_s, measure_s, cpu)
     barrier = threading.Barrier(concurrency, action=window.open)
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     finished = [0.0] * concurrency
@@ -80,8 +94,9 @@ def run_closed_loop(
         thread.join()
     if window.errors:
         raise RuntimeError(f"{len(window.errors)} load thread(s) failed") from window.errors[0]
+    server_cpu_s = None if cpu is None else cpu() - window.cpu_start
     pooled = [x for thread in latencies for x in thread]
-    return LoadRun(pooled, max(finished) - window.start)
+    return LoadRun(pooled, max(finished) - window.start, server_cpu_s)
 
 
 def _client_thread(
@@ -118,6 +133,8 @@ def summarize(runs: list[LoadRun]) -> LoadResult:
     latencies = np.asarray([x for run in runs for x in run.latencies])
     p50, p99 = np.percentile(latencies, [50, 99]) * 1e3
     rates = [run.throughput for run in runs]
+    cpu = [run.server_cpu_s for run in runs if run.server_cpu_s is not None]
+    server_cpu_us = sum(cpu) / len(latencies) * 1e6 if len(cpu) == len(runs) else None
     return LoadResult(
         requests=len(latencies),
         seconds=sum(run.seconds for run in runs),
@@ -126,4 +143,5 @@ def summarize(runs: list[LoadRun]) -> LoadResult:
         throughput_max=max(rates),
         p50_ms=float(p50),
         p99_ms=float(p99),
+        server_cpu_us=server_cpu_us,
     )

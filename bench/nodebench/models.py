@@ -1,4 +1,4 @@
-"""The benchmark models, defined in torch and exported to ONNX (opset 17, dynamic batch).
+"""The benchmark models, exported to ONNX (opset 17, dynamic batch).
 
 `convnet` is ResNet-18 (torchvision's architecture, 11.7 M parameters, random weights) on
 1x3x224x224 images: compute-bound, 40-46 ms per image (min-median) on one core of the 2-vCPU
@@ -7,37 +7,95 @@ held to. `convnet-small` is a smaller ResNet (one BasicBlock per stage, 32 to 25
 6-7 ms per image the same way: the transport-bound case. The Python gRPC transport of its
 600 KB request costs ~2.4 ms of CPU per request (server and client together), about a third of
 its compute, which caps any Python gRPC server at about 0.74x in-process throughput on it; it
-is kept to show that cost. The MLP is four 2048-wide Linear+ReLU layers (64 MiB of weights,
-8 KiB per request): memory-bound, so a batch of 8 costs barely more than a batch of 1 and
-dynamic batching shows.
+is kept to show that cost, and what system shared memory saves of it. The MLP is four
+2048-wide Linear+ReLU layers (64 MiB of weights, 8 KiB per request): memory-bound, so a batch
+of 8 costs barely more than a batch of 1 and dynamic batching shows. `addsub` is Triton's
+`simple` model (two INT32 [-1, 16] inputs, their sum and difference), built with onnx.helper:
+almost no compute, so it measures what a server costs per request.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 OPSET = 17
+MODELS = ("convnet", "convnet-small", "mlp", "addsub")
+
+Array = npt.NDArray[Any]
+Feed = dict[str, Array]  # one request's inputs by name
+
+_DATATYPES: dict[int, str] = {TensorProto.FLOAT: "FP32", TensorProto.INT32: "INT32"}  # ONNX: Triton
+_NUMPY = {"FP32": np.float32, "INT32": np.int32}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output of a batch-1 request: name, Triton datatype, shape (batch first)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(_NUMPY[self.datatype])
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def random(self, rng: np.random.Generator) -> Array:
+        if self.datatype == "INT32":
+            return rng.integers(-1000, 1000, self.shape, dtype=np.int32)
+        return rng.standard_normal(self.shape, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One exported model: its file and the shape of one batch-1 request."""
+    """One exported model: its file, the tensors of a batch-1 request and, where numpy can
+    compute it, the answer a correct server gives (else ONNX Runtime's answer is the one)."""
 
     name: str
     path: Path
-    input_name: str
-    output_name: str
-    shape: tuple[int, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    expected: Callable[[Feed], list[Array]] | None = None
 
-    def sample(self, seed: int = 0) -> npt.NDArray[np.float32]:
-        return np.random.default_rng(seed).standard_normal(self.shape, dtype=np.float32)
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+    def sample(self, seed: int = 0) -> Feed:
+        rng = np.random.default_rng(seed)
+        return {tensor.name: tensor.random(rng) for tensor in self.inputs}
+
+
+def read_spec(name: str, path: Path) -> ModelSpec:
+    """The tensors an ONNX file declares, its symbolic (batch) dimension set to 1."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def tensors(values: Iterable[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(
+                value.name,
+                _DATATYPES[value.type.tensor_type.elem_type],
+                tuple(dim.dim_value or 1 for dim in value.type.tensor_type.shape.dim),
+            )
+            for value in values
+        )
+
+    return ModelSpec(name, path, tensors(graph.input), tensors(graph.output))
 
 
 class _Residual(nn.Module):
@@ -105,28 +163,68 @@ def mlp(width: int = 2048, layers: int = 4) -> nn.Module:
 
 
 def export(module: nn.Module, name: str, shape: tuple[int, ...], directory: Path) -> ModelSpec:
-    spec = ModelSpec(name, directory / f"{name}.onnx", "input", "output", shape)
+    """`module` as ONNX with one FP32 input `input` of `shape` and one output `output`."""
+    path = directory / f"{name}.onnx"
+    sample = torch.from_numpy(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
     module.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated; the dynamo one needs onnxscript.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            (torch.from_numpy(spec.sample()),),
-            str(spec.path),
-            input_names=[spec.input_name],
-            output_names=[spec.output_name],
-            dynamic_axes={spec.input_name: {0: "batch"}, spec.output_name: {0: "batch"}},
+            (sample,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             opset_version=OPSET,
             dynamo=False,
         )
-    return spec
+    return read_spec(name, path)
 
 
-def build_models(directory: Path) -> list[ModelSpec]:
-    torch.manual_seed(0)
-    return [
-        export(resnet18(), "convnet", (1, 3, 224, 224), directory),
-        export(convnet_small(), "convnet-small", (1, 3, 224, 224), directory),
-        export(mlp(), "mlp", (1, 2048), directory),
-    ]
+def addsub(directory: Path, width: int = 16) -> ModelSpec:
+    """Triton's `simple`: INPUT0, INPUT1 INT32 [-1, 16] to OUTPUT0 = sum, OUTPUT1 = difference."""
+
+    def tensors(*names: str) -> list[onnx.ValueInfoProto]:
+        return [
+            helper.make_tensor_value_info(n, TensorProto.INT32, ["batch", width]) for n in names
+        ]
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "addsub",
+        tensors("INPUT0", "INPUT1"),
+        tensors("OUTPUT0", "OUTPUT1"),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = directory / "addsub.onnx"
+    onnx.save(model, str(path))
+    return replace(read_spec("addsub", path), expected=_add_sub)
+
+
+def _add_sub(feed: Feed) -> list[Array]:
+    return [feed["INPUT0"] + feed["INPUT1"], feed["INPUT0"] - feed["INPUT1"]]
+
+
+_BUILDERS: dict[str, Callable[[Path], ModelSpec]] = {
+    "convnet": lambda d: export(resnet18(), "convnet", (1, 3, 224, 224), d),
+    "convnet-small": lambda d: export(convnet_small(), "convnet-small", (1, 3, 224, 224), d),
+    "mlp": lambda d: export(mlp(), "mlp", (1, 2048), d),
+    "addsub": addsub,
+}
+
+
+def build_models(directory: Path, names: Iterable[str] = MODELS) -> list[ModelSpec]:
+    """The models named, in `MODELS` order; each one's random weights seeded alike."""
+    wanted = set(names)
+    specs = []
+    for name in MODELS:
+        if name in wanted:
+            torch.manual_seed(0)
+            specs.append(_BUILDERS[name](directory))
+    return specs

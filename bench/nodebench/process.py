@@ -1,4 +1,5 @@
-"""Server subprocesses on loopback ports: start, wait until ready, always stop."""
+"""Server subprocesses on loopback ports: start, wait until ready, always stop; and the CPU
+time a server's processes have used, read from /proc."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -30,19 +31,56 @@ class Ports:
         return f"{HOST}:{self.grpc}"
 
     @property
+    def http_url(self) -> str:
+        return f"{HOST}:{self.http}"
+
+    @property
     def ready_url(self) -> str:
         return f"http://{HOST}:{self.http}/v2/health/ready"
 
 
 @dataclass(frozen=True, slots=True)
 class ServerCommand:
-    """How to start one server: its command line, working directory and log file."""
+    """How to start one server: its command line, working directory, log file and, where it
+    needs one, its own environment."""
 
     name: str
     argv: list[str]
     cwd: Path
     log: Path
     ports: Ports
+    env: dict[str, str] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A running server: its ports and the process that leads its session."""
+
+    name: str
+    ports: Ports
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        return session_cpu_seconds(self.pid)
+
+
+def session_cpu_seconds(leader: int) -> float:
+    """User + system CPU time of every process in the session `leader` leads: a server started
+    by `serving` with the processes it starts (Triton's python backend stubs, MLServer's
+    workers), with whatever children they have reaped. From /proc/<pid>/stat, which counts
+    every thread of a process, including ended ones."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # ended since the listing
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # past the command name, which may hold ")"
+        if int(fields[3]) == leader:  # the session id
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_ports() -> Ports:
@@ -56,7 +94,7 @@ def free_ports() -> Ports:
 
 
 @contextlib.contextmanager
-def serving(command: ServerCommand) -> Iterator[Ports]:
+def serving(command: ServerCommand) -> Iterator[Server]:
     """Run the server for the duration of the block; stopped on exit, error or not."""
     with command.log.open("wb") as log:
         # Own session: the whole process group (workers included) is stopped at the end.
@@ -66,11 +104,12 @@ def serving(command: ServerCommand) -> Iterator[Ports]:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=command.env,
             start_new_session=True,
         )
         try:
             _wait_ready(command, process)
-            yield command.ports
+            yield Server(command.name, command.ports, process.pid)
         finally:
             _stop(process)
 

@@ -1,9 +1,10 @@
-"""The served contenders: a kapi node and MLServer, each given a repository it understands
-that serves the same ONNX files with the same ONNX Runtime settings."""
+"""The served contenders: a kapi node, NVIDIA Triton and MLServer, each given a repository it
+understands that serves the same ONNX files with the same ONNX Runtime settings."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,11 +12,16 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
-from nodebench.models import ModelSpec
+from tritonpeer import repository as tritonpeer
+
+from nodebench.models import ModelSpec, TensorSpec
 from nodebench.process import HOST, ServerCommand, free_ports
 
 MLSERVER_VERSION = "1.7.1"
+TRITON_VERSION = "2.51.0"  # the tritonserver that nvidia-pytriton 0.7.0 bundles
+TRITON_DEFAULT_VENV = tritonpeer.DEFAULT_VENV
 RUNTIME_SOURCE = Path(__file__).with_name("mlserver_onnx.py")
+TRITON_SETUP = Path(tritonpeer.__file__).with_name("setup.sh")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +37,9 @@ class ServingSettings:
 
 @dataclass(frozen=True, slots=True)
 class Deployment:
-    """One model as a server serves it: how many executions at once (kapi's instance count,
-    the MLServer runtime's thread pool), with or without the server's batching."""
+    """One model as a server serves it: how many executions at once (kapi's and Triton's
+    instance count, the MLServer runtime's thread pool), with or without the server's
+    batching."""
 
     served_name: str
     spec: ModelSpec
@@ -47,7 +54,7 @@ def kapi_command(
         version_dir = root / deployment.served_name / "1"
         version_dir.mkdir(parents=True)
         shutil.copyfile(deployment.spec.path, version_dir / "model.onnx")
-        config = _kapi_config(deployment, settings)
+        config = _config(deployment, settings)
         (root / deployment.served_name / "config.pbtxt").write_text(config)
     ports = free_ports()
     argv = [sys.executable, "-m", "kapi.cli", "node", "--model-repository", str(root)]
@@ -56,7 +63,8 @@ def kapi_command(
     return ServerCommand("kapi", argv, root, root.with_suffix(".log"), ports)
 
 
-def _kapi_config(deployment: Deployment, settings: ServingSettings) -> str:
+def _config(deployment: Deployment, settings: ServingSettings) -> str:
+    """What kapi's and Triton's config.pbtxt share: batching, instances, ORT threads."""
     lines = [f"max_batch_size: {settings.max_batch_size}"]
     if deployment.batching:
         delay = settings.max_queue_delay_us
@@ -68,6 +76,31 @@ def _kapi_config(deployment: Deployment, settings: ServingSettings) -> str:
     ):
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"
+
+
+def triton_command(
+    root: Path, deployments: list[Deployment], settings: ServingSettings, venv: Path
+) -> ServerCommand:
+    """tritonserver with every model on its python backend, running the ONNX file with ONNX
+    Runtime (`tritonpeer/model.py`). Unlike kapi, the python backend does not read the inputs
+    and outputs from the ONNX file: the config declares them."""
+    configs = {d.served_name: _triton_io(d.spec) + _config(d, settings) for d in deployments}
+    files: dict[str, Path | bytes] = {d.served_name: d.spec.path for d in deployments}
+    tritonpeer.write_python_repository(files, root, configs)
+    ports = free_ports()
+    argv, env = tritonpeer.triton_command(venv, root, ports.grpc, ports.http, ports.metrics)
+    return ServerCommand("triton", argv, root, root.with_suffix(".log"), ports, env)
+
+
+def _triton_io(spec: ModelSpec) -> str:
+    def entries(tensors: tuple[TensorSpec, ...]) -> str:
+        return ",\n".join(
+            f'  {{ name: "{t.name}" data_type: TYPE_{t.datatype} '
+            f"dims: [ {', '.join(str(d) for d in t.shape[1:])} ] }}"
+            for t in tensors
+        )
+
+    return f"input [\n{entries(spec.inputs)}\n]\noutput [\n{entries(spec.outputs)}\n]\n"
 
 
 def mlserver_command(
@@ -133,3 +166,12 @@ def ensure_mlserver(venv: Path) -> None:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, *requirements], check=True)
     marker.write_text("\n".join(requirements))
+
+
+def ensure_triton(venv: Path) -> None:
+    """Triton in its own virtual environment (`tritonpeer/setup.sh`: nvidia-pytriton, which
+    bundles tritonserver, needs numpy<2), with the same onnxruntime as the in-process
+    contender. A no-op, half a second, once installed."""
+    env = {**os.environ, "KAPI_TRITON_VENV": str(venv)}
+    env["KAPI_TRITON_ONNXRUNTIME"] = version("onnxruntime")
+    subprocess.run(["bash", str(TRITON_SETUP)], check=True, env=env, stdout=subprocess.DEVNULL)

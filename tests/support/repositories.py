@@ -98,7 +98,7 @@ output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 2, 3 ] } ]
 
 
 # Reshape: clients send and get [batch, 4]; the model takes and gives [batch, 2, 2].
-RESHAPE_DATATYPES = ("FP32", "INT64", "BOOL", "BYTES")
+RESHAPE_DATATYPES = tuple(models.DATATYPES)  # every datatype, as Triton QA builds them
 
 
 def reshape_config(datatype: str) -> str:
