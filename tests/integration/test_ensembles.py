@@ -23,7 +23,7 @@ CHAIN = """
 platform: "ensemble"
 max_batch_size: 8
 input [ { name: "IN" data_type: TYPE_FP32 dims: [ 4 ] } ]
-output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 4 ] label_filename: "labels.txt" } ]
 ensemble_scheduling { step [
   { model_name: "add1" model_version: -1
     input_map { key: "INPUT0" value: "IN" } output_map { key: "OUTPUT0" value: "mid" } },
@@ -111,6 +111,7 @@ def build(root: Path) -> Path:
     models.save_model(root, "simple", models.add_sub_model())
     models.save_model(root, "gather", models.gather_model())
     models.save_ensemble(root, "chain", CHAIN)
+    (root / "chain" / "labels.txt").write_text("a\nb\nc\nd\n")
     models.save_ensemble(root, "fanout", FANOUT)
     models.save_ensemble(root, "ensemble_gather", GATHER)
     return root
@@ -146,6 +147,16 @@ def test_a_chain_runs_its_steps_in_order(ensemble_client: grpcclient.InferenceSe
     assert [(t.name, list(t.shape)) for t in metadata.inputs] == [("IN", [-1, 4])]
     (stats,) = ensemble_client.get_inference_statistics("chain").model_stats
     assert stats.inference_stats.success.count >= 1
+
+
+def test_an_ensemble_output_is_classified_with_its_labels(
+    ensemble_client: grpcclient.InferenceServerClient,
+) -> None:
+    data = np.array([[0.0, 3.0, 1.0, 2.0]], dtype=np.float32)
+    top = [grpcclient.InferRequestedOutput("OUT", class_count=2)]
+    result = ensemble_client.infer("chain", [fp32_input(grpcclient, "IN", data)], outputs=top)
+
+    assert result.as_numpy("OUT").tolist() == [[b"14.000000:1:b", b"13.000000:3:d"]]
 
 
 def test_a_chain_over_rest(ensemble_node: RunningNode) -> None:

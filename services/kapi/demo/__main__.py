@@ -1,6 +1,7 @@
 """`make demo`: build an example model repository, serve it with a kapi node, query it with
-tritonclient exactly as a Triton user would, show the node holding up against a broken
-model, a malformed request and SIGTERM under load, and leave the repository on disk.
+tritonclient exactly as a Triton user would (gRPC and REST; classification, an ensemble, a
+stateful sequence, shared memory, a load with overrides), show the node holding up against
+a broken model, a malformed request and SIGTERM under load, and leave the repository on disk.
 
 Needs the dev extra (torch, onnx, openvino, tritonclient).
 """
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kapi.demo import _hardening, _repository, _serving
+from kapi.demo import _hardening, _parity, _repository, _serving
 
 DEFAULT_ROOT = Path("demo-repository")
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         with grpcclient.InferenceServerClient(url) as client:
             _serving.wait_ready(client, process)
             _serving.run_queries(client, url)
+            _parity.triton_features(client, ports["http"])
             _hardening.broken_model(client, root)
         _hardening.malformed_request(url, ports["http"])
         _hardening.sigterm_under_load(url, process)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         if process.poll() is None:
             process.kill()
     kapi = Path(sys.executable).with_name("kapi")
-    print(f"8. the repository stays in {root}; serve it yourself with:")
+    print(f"9. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 

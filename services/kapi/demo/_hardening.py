@@ -26,7 +26,7 @@ def broken_model(client: Any, root: Path) -> None:
     try:
         client.load_model(BROKEN)
     except InferenceServerException as exc:
-        print(f"5. loading {BROKEN} fails alone: {exc.status()} {exc.message()}")
+        print(f"6. loading {BROKEN} fails alone: {exc.status()} {exc.message()}")
     rows = {m.name: m for m in client.get_model_repository_index().models}
     print(f"   index: {BROKEN} {rows[BROKEN].state}; digits_onnx {rows['digits_onnx'].state}")
     print(f"   strict readiness (Triton's default): server ready = {client.is_server_ready()}")
@@ -80,7 +80,7 @@ def malformed_request(url: str, http_port: int) -> None:
                 answer = f"{exc.code().name}: {exc.details()}"
             took.append(time.perf_counter() - start)
     count, slowest = probe.communicate(b"")[0].split()
-    print(f"6. a malformed 38 MiB BYTES request, sent 3 times, is refused in "
+    print(f"7. a malformed 38 MiB BYTES request, sent 3 times, is refused in "
           f"{max(took) * 1000:.0f} ms at most: {answer}")  # fmt: skip
     print(f"   /v2/health/live, probed from another process, answered {int(count)} probes "
           f"meanwhile, the slowest in {int(slowest)} ms")  # fmt: skip
@@ -117,6 +117,6 @@ def sigterm_under_load(url: str, process: subprocess.Popen[bytes]) -> None:
     code = process.wait(timeout=60)
     statuses = [endings.get_nowait() for _ in range(endings.qsize())]
     counts = {status: statuses.count(status) for status in sorted(set(statuses))}
-    print(f"7. SIGTERM with {CLIENTS} clients sending: {answered.qsize()} requests answered; "
+    print(f"8. SIGTERM with {CLIENTS} clients sending: {answered.qsize()} requests answered; "
           f"each client's next request ended {counts} (CANCELLED: "
           f"{counts.get('CANCELLED', 0)}); the node exited with {code}")  # fmt: skip

@@ -1,5 +1,7 @@
-"""The demo's model repository: a small CNN as ONNX (with a Triton config) and as OpenVINO
-IR (without), a BYTES echo model, and a broken model for the hardening stage."""
+"""The demo's model repository: a small CNN as ONNX (with a Triton config and class labels)
+and as OpenVINO IR (without), a BYTES echo model, an ensemble that preprocesses raw 8-bit
+images for the CNN, a stateful counter for sequences, and a broken model for the hardening
+stage."""
 
 from __future__ import annotations
 
@@ -16,9 +18,39 @@ name: "digits_onnx"
 platform: "onnxruntime_onnx"
 max_batch_size: 16
 input [{ name: "image", data_type: TYPE_FP32, dims: [1, 28, 28] }]
-output [{ name: "logits", data_type: TYPE_FP32, dims: [10] }]
+output [{ name: "logits", data_type: TYPE_FP32, dims: [10], label_filename: "labels.txt" }]
 dynamic_batching { max_queue_delay_microseconds: 2000 }
 instance_group [{ count: 1, kind: KIND_CPU }]
+"""
+LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Raw 8-bit images in, logits out: preprocessing, then the CNN, inside the node.
+PIPELINE = """
+platform: "ensemble"
+max_batch_size: 16
+input [{ name: "raw", data_type: TYPE_UINT8, dims: [28, 28] }]
+output [{ name: "logits", data_type: TYPE_FP32, dims: [10], label_filename: "labels.txt" }]
+ensemble_scheduling { step [
+  { model_name: "digits_preprocess" input_map { key: "raw" value: "raw" }
+    output_map { key: "image" value: "image" } },
+  { model_name: "digits_onnx" input_map { key: "image" value: "image" }
+    output_map { key: "logits" value: "logits" } }
+] }
+"""
+# A running total per sequence, its state carried by the node between requests.
+COUNTER = """
+max_batch_size: 8
+input [{ name: "INPUT", data_type: TYPE_INT32, dims: [1] }]
+output [{ name: "OUTPUT", data_type: TYPE_INT32, dims: [1] }]
+sequence_batching {
+  oldest { max_queue_delay_microseconds: 1000 }
+  control_input [
+    { name: "START", control [{ kind: CONTROL_SEQUENCE_START, int32_false_true: [0, 1] }] },
+    { name: "READY", control [{ kind: CONTROL_SEQUENCE_READY, int32_false_true: [0, 1] }] }
+  ]
+  state [{ input_name: "STATE_IN", output_name: "STATE_OUT", data_type: TYPE_INT32,
+           dims: [1], initial_state { name: "zero", data_type: TYPE_INT32, dims: [1],
+           zero_data: true } }]
+}
 """
 BROKEN = "classifier_zipmap"
 
@@ -46,6 +78,14 @@ def build_repository(root: Path) -> None:
             opset_version=17, dynamo=False,
         )  # fmt: skip
     (root / "digits_onnx" / "config.pbtxt").write_text(CONFIG)
+    labels = "\n".join(LABELS) + "\n"
+    (root / "digits_onnx" / "labels.txt").write_text(labels)
+    _save(root / "digits_preprocess" / "1" / "model.onnx", _preprocess())
+    (root / "digits_pipeline" / "1").mkdir(parents=True)
+    (root / "digits_pipeline" / "config.pbtxt").write_text(PIPELINE)
+    (root / "digits_pipeline" / "labels.txt").write_text(labels)
+    _save(root / "counter" / "1" / "model.onnx", _counter())
+    (root / "counter" / "config.pbtxt").write_text(COUNTER)
     ir_path = root / "digits_openvino" / "1" / "model.xml"
     ir_path.parent.mkdir(parents=True)
     ov.save_model(ov.convert_model(str(onnx_path)), str(ir_path))
@@ -70,6 +110,57 @@ def _text_echo() -> onnx.ModelProto:
         "text_echo",
         [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 4])],
         [helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch", 4])],
+    )
+    return _model(graph, [helper.make_opsetid("", 17)])
+
+
+def _preprocess() -> onnx.ModelProto:
+    """uint8 [batch, 28, 28] -> float [batch, 1, 28, 28] in [0, 1]."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["raw"], ["wide"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["wide", "scale"], ["scaled"]),
+            helper.make_node("Unsqueeze", ["scaled", "axis"], ["image"]),
+        ],
+        "digits_preprocess",
+        [helper.make_tensor_value_info("raw", TensorProto.UINT8, ["batch", 28, 28])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [
+            numpy_helper.from_array(np.array(255.0, dtype=np.float32), "scale"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis"),
+        ],
+    )
+    return _model(graph, [helper.make_opsetid("", 17)])
+
+
+def _counter() -> onnx.ModelProto:
+    """OUTPUT = READY * (INPUT + (START ? 0 : STATE_IN)); STATE_OUT = OUTPUT."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows: list[str | int] = ["batch", 1]
+    tensors = [
+        helper.make_tensor_value_info(name, TensorProto.INT32, rows)
+        for name in ("INPUT", "START", "READY", "STATE_IN")
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Sub", ["one", "START"], ["keep"]),
+            helper.make_node("Mul", ["STATE_IN", "keep"], ["carried"]),
+            helper.make_node("Add", ["carried", "INPUT"], ["sum"]),
+            helper.make_node("Mul", ["sum", "READY"], ["OUTPUT"]),
+            helper.make_node("Identity", ["OUTPUT"], ["STATE_OUT"]),
+        ],
+        "counter",
+        tensors,
+        [
+            helper.make_tensor_value_info("OUTPUT", TensorProto.INT32, rows),
+            helper.make_tensor_value_info("STATE_OUT", TensorProto.INT32, rows),
+        ],
+        [numpy_helper.from_array(np.array(1, dtype=np.int32), "one")],
     )
     return _model(graph, [helper.make_opsetid("", 17)])
 

@@ -87,15 +87,17 @@ async def load_version(
 
 
 def load_ensemble(
-    config: mc.ModelConfig, version: int, metrics: NodeMetrics, lookup: ModelLookup
-) -> ModelVersion:
+    model_dir: Path, version: int, config: mc.ModelConfig, metrics: NodeMetrics,
+    lookup: ModelLookup,
+) -> ModelVersion:  # fmt: skip
     """An ensemble version: its steps checked against the composing models loaded now."""
     config = _copy(config)
     steps = steps_of(config)
     check_composing(config, steps, lookup)
+    labels = read_labels(model_dir, config)
     scheduler = EnsembleScheduler(config.name, steps, lookup)
     stats = ModelStats(metrics, config.name, str(version))
-    return ModelVersion(config, version, ENSEMBLE, None, stats, scheduler=scheduler)
+    return ModelVersion(config, version, ENSEMBLE, None, stats, labels=labels, scheduler=scheduler)
 
 
 async def _load_runtime(runtime: Runtime, model: str, version: int, runtime_name: str) -> None:

@@ -151,7 +151,9 @@ class ModelRepository:
         try:
             for version in versions:
                 if is_ensemble(config):
-                    loaded[version] = load_ensemble(config, version, self._metrics, self.get)
+                    loaded[version] = load_ensemble(
+                        model_dir, version, config, self._metrics, self.get
+                    )
                     continue
                 loaded[version] = await load_version(
                     model_dir, version, config, self._metrics, self._default_max_batch_size
