@@ -174,7 +174,7 @@ class NodeServer:
     def _bind(self, purpose: str, port: int) -> socket.socket:
         """A listening socket of our own for uvicorn, so a port in use fails here, clearly."""
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.settings.host, port))
