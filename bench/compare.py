@@ -77,7 +77,7 @@ def _start_nodes(root: Path, rev: str, model: str, stack: contextlib.ExitStack) 
     settings = ServingSettings(1, 1, 16, 500, 0)
     nodes: Nodes = {}
     for name, services in (("base", base / "services"), ("tree", REPO / "services")):
-        command = kapi_command(root / name, deployment, settings)
+        command = kapi_command(root / f"{name}-models", deployment, settings)  # not the worktree
         argv = ["env", f"PYTHONPATH={services}", *command.argv]
         server = stack.enter_context(serving(dataclasses.replace(command, argv=argv)))
         nodes[name] = (GrpcTarget(server.ports.grpc_url, model, spec), server)
