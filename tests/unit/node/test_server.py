@@ -15,11 +15,12 @@ async def test_http_connections_send_without_waiting_for_nagle(tmp_path: Path) -
     on one made with proto 0, each small REST response waited ~40 ms for a delayed ACK."""
     server = NodeServer(NodeSettings(model_repository=tmp_path, host="127.0.0.1"))
     listening = server._bind("HTTP", 0)
-    accepted: list[socket.socket] = []
+    nodelay: list[int] = []
     connected = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer.get_extra_info("socket"))
+        accepted = writer.get_extra_info("socket")
+        nodelay.append(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         connected.set()
         writer.close()
 
@@ -28,7 +29,7 @@ async def test_http_connections_send_without_waiting_for_nagle(tmp_path: Path) -
         _, writer = await asyncio.open_connection(*listening.getsockname())
         await asyncio.wait_for(connected.wait(), 10)
         writer.close()
-        assert accepted[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert nodelay[0] != 0
     finally:
         tcp.close()
         await tcp.wait_closed()
