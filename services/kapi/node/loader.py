@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,15 @@ from kapi.node.ensemble import (
     steps_of,
 )
 from kapi.node.model import ModelVersion
-from kapi.node.runtimes import PLATFORM_OF, ModelFiles, Runtime, TensorSpec, runtime_class
+from kapi.node.runtimes import (
+    PLATFORM_OF,
+    Arrays,
+    ModelFiles,
+    Runtime,
+    TensorSpec,
+    runtime_class,
+)
+from kapi.node.scheduler import INLINE_NS
 from kapi.node.stats import ModelStats, NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,7 @@ async def load_version(
         inputs, outputs = runtime.metadata()
         check_tensor_types(config.name, inputs, outputs)
         merges = await _merges(runtime, config, inputs, outputs, default_max_batch_size)
+        inline = await _runs_inline(runtime, config, inputs, outputs)
         complete_config(config, inputs, outputs, default_max_batch_size, merges)
         shapes = model_shapes(config, inputs, outputs)
         config.backend = config.backend or runtime_name
@@ -82,8 +92,9 @@ async def load_version(
         await runtime.unload()
         raise
     return ModelVersion(
-        config, version, runtime_name, runtime, stats, merges is not False, labels, shapes
-    )
+        config, version, runtime_name, runtime, stats, merges is not False, labels, shapes,
+        inline=inline,
+    )  # fmt: skip
 
 
 def load_ensemble(
@@ -139,6 +150,39 @@ async def _merges(
     return merges
 
 
+async def _runs_inline(
+    runtime: Runtime, config: mc.ModelConfig, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> bool:
+    """Whether the model's requests run on the event loop (InlineScheduler): it schedules
+    each request alone (no batcher, no sequences), its inputs have fixed sizes (so a probe
+    tells what a request costs), and a probe of one row runs in under INLINE_NS."""
+    scheduled = config.HasField("dynamic_batching") or config.HasField("sequence_batching")
+    skip = 1 if config.max_batch_size > 0 else 0
+    if scheduled or any(dim < 0 for spec in inputs for dim in spec.shape[skip:]):
+        return False
+    return await asyncio.to_thread(_fast, runtime, inputs, outputs, skip)
+
+
+def _fast(runtime: Runtime, inputs: list[TensorSpec], outputs: list[TensorSpec], skip: int) -> bool:
+    try:
+        feed = {
+            spec.name: runtime.prepare_input(spec.name, _neutral(spec, rows=1 if skip else 0))
+            for spec in inputs
+        }
+        wanted = [spec.name for spec in outputs]
+        fastest = min(_timed(runtime, feed, wanted) for _ in range(5))
+    except Exception as exc:  # it cannot take neutral inputs: leave it on its threads
+        log.debug("inline probe failed: %s", exc)
+        return False
+    return fastest < INLINE_NS
+
+
+def _timed(runtime: Runtime, feed: Arrays, wanted: list[str]) -> int:
+    start = time.perf_counter_ns()
+    runtime.infer(feed, wanted)
+    return time.perf_counter_ns() - start
+
+
 def _probe(runtime: Runtime, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> bool | None:
     try:
         feed = {spec.name: runtime.prepare_input(spec.name, _neutral(spec)) for spec in inputs}
@@ -149,8 +193,11 @@ def _probe(runtime: Runtime, inputs: list[TensorSpec], outputs: list[TensorSpec]
         return None
 
 
-def _neutral(spec: TensorSpec) -> npt.NDArray[np.generic]:
-    shape = (PROBE_BATCH, *(dim if dim >= 0 else 1 for dim in spec.shape[1:]))
+def _neutral(spec: TensorSpec, rows: int = PROBE_BATCH) -> npt.NDArray[np.generic]:
+    """Zeros (empty strings) of the spec's shape: `rows` rows, or none (0) for a model
+    without batching; variable dimensions 1."""
+    dims = spec.shape[1:] if rows else spec.shape
+    shape = (*((rows,) if rows else ()), *(dim if dim >= 0 else 1 for dim in dims))
     dtype = NUMPY_DTYPES[spec.datatype]
     return np.full(shape, b"", dtype) if dtype.kind == "O" else np.zeros(shape, dtype)
 

@@ -17,7 +17,7 @@ from kapi.core.tensors import BytesCountError, Tensor, datatype_of, to_raw
 from kapi.node.classification import classify
 from kapi.node.config import Shapes
 from kapi.node.runtimes import PLATFORM_OF, Arrays, Runtime
-from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
+from kapi.node.scheduler import DynamicBatcher, InlineScheduler, Job, Scheduler
 from kapi.node.sequences import SequenceBatcher, inner_batching
 from kapi.node.stats import ModelStats
 from kapi.node.validation import RequestValidator, bytes_count_error
@@ -57,6 +57,7 @@ class ModelVersion:
         labels: dict[str, list[str]] | None = None,
         shapes: tuple[Shapes, Shapes] = ({}, {}),
         scheduler: Executor | None = None,
+        inline: bool = False,
     ) -> None:
         """A model served by `runtime`, or (an ensemble) by `scheduler` alone."""
         self.config = config
@@ -73,6 +74,7 @@ class ModelVersion:
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
+        self._inline = inline  # its executions are quick enough to run on the event loop
         self.scheduler: Executor = scheduler or self._make_scheduler(merges)
 
     def _make_scheduler(self, merges: bool) -> Executor:
@@ -87,6 +89,8 @@ class ModelVersion:
                 )
             return SequenceBatcher(self.config, inner)
         if not self.config.HasField("dynamic_batching"):
+            if self._inline:
+                return InlineScheduler(self.name, self.runtime, self.stats)
             return Scheduler(self.name, self.runtime, self.stats)
         policy = self.config.dynamic_batching
         if merges and self.config.max_batch_size > 0:

@@ -26,6 +26,11 @@ from kapi.node.runtimes import Arrays, Runtime, in_daemon_thread
 from kapi.node.stats import ModelStats
 
 log = logging.getLogger(__name__)
+# A model whose executions take less than this at load runs on the event loop (the hand-off
+# to an instance thread and back costs about as much); one past SLOW_INLINE_NS, once
+# serving, goes back to its threads.
+INLINE_NS = 100_000
+SLOW_INLINE_NS = 1_000_000
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
 
@@ -266,6 +271,38 @@ class Scheduler:
             execution.infer_ns,
             execution.output_ns,
         )
+
+
+class InlineScheduler(Scheduler):
+    """The direct scheduler for a model whose executions take microseconds: each request
+    runs on the event loop itself, as handing it to an instance thread and back costs more
+    than running it. A model that turns out slower (one execution past SLOW_INLINE_NS) goes
+    to its instance threads from then on."""
+
+    def __init__(self, model: str, runtime: Runtime, stats: ModelStats) -> None:
+        super().__init__(model, runtime, stats)
+        self.inline = True
+
+    async def submit(self, job: Job) -> Arrays:
+        if not self.inline or self._closed:
+            return await super().submit(job)
+        start = time.perf_counter_ns()
+        job.queue_ns = start - job.enqueued_ns
+        try:
+            results = self.runtime.infer(job.inputs, job.outputs)
+        except KapiError:
+            raise
+        except Exception as exc:
+            raise InternalError(f"model '{self.model}': inference failed: {exc}") from exc
+        elapsed = time.perf_counter_ns() - start
+        self.stats.record_execution(job.batch_size or 1, 1, 0, elapsed, 0)
+        if elapsed > SLOW_INLINE_NS:
+            self.inline = False
+            log.info(
+                "model executions take longer than expected; they run on instance threads",
+                extra={"model": self.model, "execution_us": elapsed // 1000},
+            )
+        return {name: results[name] for name in job.outputs}
 
 
 class DynamicBatcher(Scheduler):

@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, InvalidArgument, Unavailable
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
-from kapi.node.scheduler import DynamicBatcher, Job, Scheduler
+from kapi.node.scheduler import DynamicBatcher, InlineScheduler, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
 from prometheus_client import CollectorRegistry
 
@@ -703,3 +703,48 @@ async def test_a_request_that_times_out_while_its_batch_forms_is_rejected() -> N
             await asyncio.wait_for(waiting, WAIT_S)
 
     assert runtime.batches == []
+
+
+# --- the inline scheduler, for models whose executions take microseconds -------------------
+
+
+class ThreadRecordingRuntime(RecordingRuntime):
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.seconds = seconds
+
+    def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return super().infer(inputs, outputs)
+
+
+async def test_a_quick_model_runs_on_the_event_loop() -> None:
+    runtime = ThreadRecordingRuntime()
+    model_stats = new_stats()
+    async with serving(InlineScheduler("m", runtime, model_stats)) as scheduler:
+        (result,) = await results(start(scheduler, [job(2, first=1.0)]))
+
+    np.testing.assert_array_equal(result["y"], np.arange(4, dtype=np.float32).reshape(2, 2) + 2)
+    assert runtime.threads == [threading.current_thread().name]
+    assert model_stats.execution_count == 1
+
+
+async def test_a_model_slower_than_expected_goes_back_to_its_threads() -> None:
+    runtime = ThreadRecordingRuntime(seconds=0.005)  # past SLOW_INLINE_NS
+    async with serving(InlineScheduler("m", runtime, new_stats())) as scheduler:
+        await results(start(scheduler, [job(1)]))
+        await results(start(scheduler, [job(1)]))
+
+    assert runtime.threads[0] == threading.current_thread().name
+    assert runtime.threads[1] == "m:0"
+    assert not scheduler.inline
+
+
+async def test_an_inline_failure_reaches_the_caller() -> None:
+    runtime = ThreadRecordingRuntime()
+    runtime.fail_with = ValueError("device on fire")
+    async with serving(InlineScheduler("m", runtime, new_stats())) as scheduler:
+        with pytest.raises(InternalError, match="inference failed: device on fire"):
+            await scheduler.submit(job(1))
