@@ -97,6 +97,13 @@ BROKEN = {
                'output_map { key: "OUTPUT0" value: "OUT" } }'),
         "the model has no input 'NOPE'",
     ),
+    "optional_input": (
+        broken('{ model_name: "add1" input_map { key: "INPUT0" value: "IN" } '
+               'output_map { key: "OUTPUT0" value: "OUT" } }').replace(
+            "dims: [ 4 ] } ]", "dims: [ 4 ] optional: true } ]", 1
+        ),
+        "input 'IN' is optional, which kapi's ensembles do not support",
+    ),
     "wrong_datatype": (
         broken('{ model_name: "simple" input_map [ { key: "INPUT0" value: "IN" }, '
                '{ key: "INPUT1" value: "IN" } ] output_map { key: "OUTPUT0" value: "OUT" } }'),

@@ -513,3 +513,17 @@ def test_override_parameters_of_the_wrong_type_are_invalid_in_tritons_words(
             grpc.StatusCode.INVALID_ARGUMENT,
             "invalid value type for load parameter 'file:1/model.onnx', expected bytes_param.",
         )
+
+
+def test_a_model_with_a_long_name_loads_from_files(
+    explicit_client: grpcclient.InferenceServerClient,
+) -> None:
+    """The override's directory is not named after the model: any name fits."""
+    name = "n" * 300
+    explicit_client.load_model(
+        name,
+        config=json.dumps({"backend": "onnxruntime"}),
+        files={"file:1/model.onnx": models.add_constant_model(2.0).SerializeToString()},
+    )
+    assert added(explicit_client, name) == 2.0
+    explicit_client.unload_model(name)

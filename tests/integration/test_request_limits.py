@@ -190,3 +190,12 @@ def test_a_rest_body_over_the_message_limit_is_413(main_node: RunningNode) -> No
     assert inflated.status_code == 413
     assert "decompressed" in inflated.json()["error"]
     assert main_node.is_ready()
+
+
+def test_every_rest_body_is_held_to_the_message_limit(main_node: RunningNode) -> None:
+    """Not only inference: the index and shared-memory endpoints take bodies too, and any
+    client may call them."""
+    for path in ("/v2/repository/index", "/v2/systemsharedmemory/region/r/register"):
+        response = httpx.post(main_node.http_url + path, content=bytes(65 * 2**20), timeout=60)
+        assert response.status_code == 413, path
+        assert "over the node's limit" in response.json()["error"]

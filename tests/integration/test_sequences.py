@@ -198,3 +198,13 @@ async def test_concurrent_sequences_batch_together(
     executions = after.execution_count - before.execution_count
     assert requests == 40
     assert executions < requests  # sequences shared executions
+
+
+def test_a_sequence_id_that_does_not_fit_the_corrid_input_is_invalid(
+    sequence_client: grpcclient.InferenceServerClient,
+) -> None:
+    expect_error(
+        lambda: step(sequence_client, "accumulate", -5, 1, start=True),
+        "StatusCode.INVALID_ARGUMENT",
+        "sequence_id -5 does not fit its CORRID control input 'CORRID'",
+    )

@@ -64,6 +64,12 @@ def steps_of(config: mc.ModelConfig) -> list[Step]:
         for step in config.ensemble_scheduling.step
     ]
     inputs = {tensor.name for tensor in config.input}
+    for declared in config.input:
+        if declared.optional:
+            raise InvalidArgument(
+                f"ensemble {name}: input '{declared.name}' is optional, which kapi's ensembles "
+                "do not support: every step runs on every request"
+            )
     produced: dict[str, str] = {}
     for step in steps:
         if not step.model:
@@ -153,6 +159,12 @@ class EnsembleScheduler:
         remaining = list(self.steps)
         while remaining:
             ready = [s for s in remaining if set(s.inputs.values()) <= tensors.keys()]
+            if not ready:  # a tensor no request gave and no step makes
+                missing = sorted({t for s in remaining for t in s.inputs.values()} - tensors.keys())
+                raise InvalidArgument(
+                    f"in ensemble '{self.model}', steps of {sorted({s.model for s in remaining})} "
+                    f"cannot run: no tensor {missing} was given or made"
+                )
             results = await asyncio.gather(*(self._run(step, tensors) for step in ready))
             for outputs in results:
                 tensors.update(outputs)

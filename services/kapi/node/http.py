@@ -94,7 +94,7 @@ def rest_app(dataplane: DataPlane, max_body_bytes: int) -> Starlette:
 
     async def repository_index(request: Request) -> Response:
         _check_repository(request)
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         ready_only = body.get("ready", False)
         if not isinstance(ready_only, bool):
             raise InvalidArgument("Unable to parse 'ready': it must be a bool")
@@ -110,13 +110,13 @@ def rest_app(dataplane: DataPlane, max_body_bytes: int) -> Starlette:
 
     async def load(request: Request) -> Response:
         _check_repository(request)
-        parameters = _load_parameters(await _json_body(request))
+        parameters = _load_parameters(await _json_body(request, max_body_bytes))
         await dataplane.load(request.path_params["name"], parameters)
         return Response(status_code=200, media_type=JSON)
 
     async def unload(request: Request) -> Response:
         _check_repository(request)
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         parameters = body.get("parameters", {})
         if not isinstance(parameters, dict):
             raise InvalidArgument("Unable to parse 'parameters': it must be an object")
@@ -133,7 +133,7 @@ def rest_app(dataplane: DataPlane, max_body_bytes: int) -> Starlette:
         )
 
     async def shm_register(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, max_body_bytes)
         name = request.path_params["region"]
         for field in ("key", "byte_size"):  # Triton's words
             if field not in body:
@@ -306,9 +306,15 @@ def _check_repository(request: Request) -> None:
         raise Unimplemented("'repository_name' specification is not supported")
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    """An optional JSON object body ({} when empty)."""
-    body = await request.body()
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    """An optional JSON object body ({} when empty), read only up to `limit` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body:
         return {}
     try:

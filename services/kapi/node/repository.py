@@ -306,7 +306,7 @@ def check_model_name(name: str) -> None:
 def _localize(name: str, files: dict[str, bytes]) -> Path:
     """Write a load override's files into a fresh directory, each inside it (Triton's
     words for one that would land outside); the directory, or nothing, on failure."""
-    root = Path(tempfile.mkdtemp(prefix=f"kapi-{name}-")).resolve()
+    root = Path(tempfile.mkdtemp(prefix="kapi-override-")).resolve()  # any name fits
     try:
         for relative, contents in files.items():
             target = root / relative.replace("\0", "\\0")

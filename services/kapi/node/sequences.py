@@ -245,7 +245,13 @@ class SequenceBatcher:
             if control.kind == Control.CONTROL_SEQUENCE_CORRID:
                 value: Any = sequence_id.encode() if isinstance(sequence_id, str) else sequence_id
                 array: npt.NDArray[Any] = np.empty(shape, control.dtype)
-                array[...] = value
+                try:
+                    array[...] = value
+                except (OverflowError, ValueError) as exc:
+                    raise InvalidArgument(
+                        f"model '{self.model}': sequence_id {sequence_id!r} does not fit its "
+                        f"CORRID control input '{control.name}' ({control.dtype}): {exc}"
+                    ) from exc
             else:
                 array = np.empty(shape, control.dtype)
                 array[...] = control.values[flags[control.kind]]

@@ -308,3 +308,14 @@ def test_model_shapes_name_what_a_reshape_changes() -> None:
     model_out = [TensorSpec("y", "FP32", (-1,))]
     complete_config(config, model_in, model_out, 4)
     assert model_shapes(config, model_in, model_out) == ({"x": (2, 2)}, {"y": (1,)})
+
+
+def test_sequence_controls_and_state_must_be_the_models() -> None:
+    """As Triton's ONNX Runtime backend checks at load: a control the model does not take
+    fails the load, not every request."""
+    config = _config(
+        'max_batch_size: 4 sequence_batching { control_input [ { name: "CORRID" control [ '
+        "{ kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] } ] }"
+    )
+    with pytest.raises(InvalidArgument, match=r"sequence_batching names inputs \['CORRID'\]"):
+        complete_config(config, BATCHED_IN, BATCHED_OUT, 4)

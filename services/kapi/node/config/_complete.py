@@ -99,6 +99,8 @@ def complete_config(
             config.dynamic_batching.SetInParent()
     skip = 1 if config.max_batch_size > 0 else 0
     hidden_in, hidden_out = _hidden(config)  # a sequence's controls and state: not a client's
+    _check_hidden(config.name, hidden_in, inputs, "input")
+    _check_hidden(config.name, hidden_out, outputs, "output")
     _complete_tensors(
         config.name, config.input, [s for s in inputs if s.name not in hidden_in], skip, "input"
     )
@@ -122,6 +124,17 @@ def _hidden(config: mc.ModelConfig) -> tuple[set[str], set[str]]:
         controls | {state.input_name for state in batching.state},
         {state.output_name for state in batching.state},
     )
+
+
+def _check_hidden(model: str, names: set[str], specs: list[TensorSpec], kind: str) -> None:
+    """A sequence's control and state tensors must be the model's, as Triton's ONNX Runtime
+    backend checks at load."""
+    missing = sorted(names - {spec.name for spec in specs})
+    if missing:
+        raise InvalidArgument(
+            f"model '{model}': sequence_batching names {kind}s {missing} that the model does not "
+            f"have; it has {sorted(spec.name for spec in specs)}"
+        )
 
 
 def _fill_defaults(config: mc.ModelConfig) -> None:
