@@ -174,6 +174,7 @@ def _fast(runtime: Runtime, inputs: list[TensorSpec], outputs: list[TensorSpec],
     except Exception as exc:  # it cannot take neutral inputs: leave it on its threads
         log.debug("inline probe failed: %s", exc)
         return False
+    log.info("execution probe: %d us (inline below %d)", fastest // 1000, INLINE_NS // 1000)
     return fastest < INLINE_NS
 
 

@@ -42,8 +42,13 @@ _REQUEST: dict[str, tuple[type | tuple[type, ...], Parameter, str]] = {
 }
 
 
+_DEFAULT = Scheduling()
+
+
 def check_request_parameters(request: InferenceRequest) -> Scheduling:
     """How the request is to be scheduled, its other parameters checked."""
+    if not request.parameters:
+        return _DEFAULT
     for name, value in request.parameters.items():
         rule = _REQUEST.get(name)
         if rule is None:

@@ -27,8 +27,8 @@ from kapi.node.stats import ModelStats
 
 log = logging.getLogger(__name__)
 # A model whose executions take less than this at load runs on the event loop (the hand-off
-# to an instance thread and back costs about as much); one past SLOW_INLINE_NS, once
-# serving, goes back to its threads.
+# to an instance thread and back costs about as much); one whose executions average past
+# SLOW_INLINE_NS, once serving, goes back to its threads.
 INLINE_NS = 100_000
 SLOW_INLINE_NS = 1_000_000
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
@@ -276,12 +276,14 @@ class Scheduler:
 class InlineScheduler(Scheduler):
     """The direct scheduler for a model whose executions take microseconds: each request
     runs on the event loop itself, as handing it to an instance thread and back costs more
-    than running it. A model that turns out slower (one execution past SLOW_INLINE_NS) goes
-    to its instance threads from then on."""
+    than running it. A model that turns out slower (its executions' moving average past
+    SLOW_INLINE_NS: one execution the OS happened to preempt does not count) goes to its
+    instance threads from then on."""
 
     def __init__(self, model: str, runtime: Runtime, stats: ModelStats) -> None:
         super().__init__(model, runtime, stats)
         self.inline = True
+        self._average_ns = 0.0
 
     async def submit(self, job: Job) -> Arrays:
         if not self.inline or self._closed:
@@ -296,7 +298,8 @@ class InlineScheduler(Scheduler):
             raise InternalError(f"model '{self.model}': inference failed: {exc}") from exc
         elapsed = time.perf_counter_ns() - start
         self.stats.record_execution(job.batch_size or 1, 1, 0, elapsed, 0)
-        if elapsed > SLOW_INLINE_NS:
+        self._average_ns += (elapsed - self._average_ns) * 0.1
+        if self._average_ns > SLOW_INLINE_NS:
             self.inline = False
             log.info(
                 "model executions take longer than expected; they run on instance threads",

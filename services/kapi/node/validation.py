@@ -47,6 +47,9 @@ class RequestValidator:
         self._inputs = {tensor.name: tensor for tensor in config.input}
         self._outputs = [tensor.name for tensor in config.output]
         self._output_types = {t.name: oip_datatype(t.data_type) for t in config.output}
+        # Per input, read from the config once: its datatype and dims (protobuf fields cost
+        # a conversion on every read).
+        self._expected = {t.name: (oip_datatype(t.data_type), tuple(t.dims)) for t in config.input}
         # Past these counts a request is refused unread; below them, with room for a few
         # mistakes, check() names the input or output that is wrong.
         self.limits = RequestLimits(2 * len(self._inputs) + 8, 2 * len(self._outputs) + 8)
@@ -117,21 +120,25 @@ class RequestValidator:
         return list(dict.fromkeys(output.name for output in requested)), classifications
 
     def _check_input(self, spec: mc.ModelInput, tensor: EncodedTensor) -> int:
-        expected_type = oip_datatype(spec.data_type)
+        expected_type, dims = self._expected[spec.name]
         if tensor.datatype != expected_type:
             raise InvalidArgument(
                 f"model '{self.model}': input '{tensor.name}' has datatype {tensor.datatype}, "
                 f"expected {expected_type}"
             )
-        self._check_shape(spec, tensor)
-        check_input_parameters(self.model, tensor)
+        self._check_shape(dims, tensor)
+        if tensor.parameters:
+            check_input_parameters(self.model, tensor)
         _check_contents(self.model, tensor)
         return tensor.shape[0] if self.max_batch_size > 0 else 0
 
-    def _check_shape(self, spec: mc.ModelInput, tensor: EncodedTensor) -> None:
-        dims = list(spec.dims)
-        shape = list(tensor.shape)
+    def _check_shape(self, dims: tuple[int, ...], tensor: EncodedTensor) -> None:
         batching = self.max_batch_size > 0
+        if batching and tensor.shape[1:] == dims and 1 <= tensor.shape[0] <= self.max_batch_size:
+            return  # the common case: a batch of rows of the config's fixed dims
+        if not batching and tensor.shape == dims:
+            return
+        shape = list(tensor.shape)
         if batching:
             if not shape or not 1 <= shape[0] <= self.max_batch_size:
                 raise InvalidArgument(
@@ -142,7 +149,7 @@ class RequestValidator:
         if len(shape) != len(dims) or any(
             d not in (-1, s) for d, s in zip(dims, shape, strict=True)
         ):
-            expected = ["batch", *dims] if batching else dims
+            expected = ["batch", *dims] if batching else list(dims)
             raise InvalidArgument(
                 f"model '{self.model}': input '{tensor.name}' has shape {list(tensor.shape)}, "
                 f"expected {expected} (-1: any size)"
