@@ -8,6 +8,7 @@ import abc
 import functools
 import itertools
 import os
+from typing import Any
 
 import onnxruntime as ort
 import tritonclient.grpc as grpcclient
@@ -95,14 +96,14 @@ class GrpcTarget(ServedTarget):
     """OIP gRPC through tritonclient.grpc, the tensors in the request and the response."""
 
     def connect(self, feed: Feed) -> Client:
-        return _GrpcClient(self, feed)
+        return _TritonClient(self, feed, grpcclient)
 
 
 class HttpTarget(ServedTarget):
     """KServe v2 REST through tritonclient.http, with binary tensors (its default)."""
 
     def connect(self, feed: Feed) -> Client:
-        return _HttpClient(self, feed)
+        return _TritonClient(self, feed, httpclient)
 
 
 class SharedMemoryTarget(ServedTarget):
@@ -112,39 +113,20 @@ class SharedMemoryTarget(ServedTarget):
         return _SharedMemoryClient(self, feed)
 
 
-class _GrpcClient(Client):
-    def __init__(self, target: ServedTarget, feed: Feed) -> None:
-        self._client = grpcclient.InferenceServerClient(target.url)
+class _TritonClient(Client):
+    """tritonclient over gRPC or HTTP (`module`): the two take the same calls, and HTTP
+    sends and receives binary tensors by default."""
+
+    def __init__(self, target: ServedTarget, feed: Feed, module: Any) -> None:
+        self._client = module.InferenceServerClient(target.url)
         self._name = target.served_name
         self._output_names = target.spec.output_names
         self._inputs = []
         for tensor in target.spec.inputs:
-            request = grpcclient.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
+            request = module.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
             request.set_data_from_numpy(feed[tensor.name])
             self._inputs.append(request)
-        self._outputs = [grpcclient.InferRequestedOutput(n) for n in self._output_names]
-
-    def infer(self) -> list[Array]:
-        result = self._client.infer(self._name, self._inputs, outputs=self._outputs)
-        return [result.as_numpy(name) for name in self._output_names]
-
-    def close(self) -> None:
-        self._client.close()
-
-
-class _HttpClient(Client):
-    def __init__(self, target: ServedTarget, feed: Feed) -> None:
-        self._client = httpclient.InferenceServerClient(target.url)
-        self._name = target.served_name
-        self._output_names = target.spec.output_names
-        self._inputs = []
-        for tensor in target.spec.inputs:
-            request = httpclient.InferInput(tensor.name, list(tensor.shape), tensor.datatype)
-            request.set_data_from_numpy(feed[tensor.name], binary_data=True)
-            self._inputs.append(request)
-        self._outputs = [
-            httpclient.InferRequestedOutput(n, binary_data=True) for n in self._output_names
-        ]
+        self._outputs = [module.InferRequestedOutput(n) for n in self._output_names]
 
     def infer(self) -> list[Array]:
         result = self._client.infer(self._name, self._inputs, outputs=self._outputs)

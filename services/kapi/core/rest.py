@@ -33,7 +33,14 @@ from kapi.core.inference import (
     RequestLimits,
     check_counts,
 )
-from kapi.core.tensors import DATATYPES, NUMPY_DTYPES, Tensor, check_shape, to_raw
+from kapi.core.tensors import (
+    DATATYPES,
+    NUMPY_DTYPES,
+    Tensor,
+    check_shape,
+    element_count,
+    to_raw,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 _JSON_ONLY_IN_BINARY = ("FP16", "BF16")  # Triton takes and gives these as binary data only
@@ -319,7 +326,7 @@ def _json_values(name: str, datatype: str, shape: tuple[int, ...], data: object)
             f"Unable to parse 'data' of input '{name}': its nested arrays are ragged"
         ) from exc
     flat = array.reshape(-1)
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = element_count(shape)
     if flat.size != count and datatype != "BYTES":  # Triton's words, then how far off
         raise InvalidArgument(
             f"Unable to parse 'data': Shape does not match true shape of 'data' field: input "

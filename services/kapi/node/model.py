@@ -74,10 +74,10 @@ class ModelVersion:
         self._in_flight = 0
         self._drained = asyncio.Event()
         self._drained.set()
-        self._inline = inline  # its executions are quick enough to run on the event loop
-        self.scheduler: Executor = scheduler or self._make_scheduler(merges)
+        # inline: its executions are quick enough to run on the event loop
+        self.scheduler: Executor = scheduler or self._make_scheduler(merges, inline)
 
-    def _make_scheduler(self, merges: bool) -> Executor:
+    def _make_scheduler(self, merges: bool, inline: bool) -> Executor:
         assert self.runtime is not None  # only an ensemble has none, and its own scheduler
         if self.config.HasField("sequence_batching"):
             policy = inner_batching(self.config)
@@ -89,7 +89,7 @@ class ModelVersion:
                 )
             return SequenceBatcher(self.config, inner)
         if not self.config.HasField("dynamic_batching"):
-            if self._inline:
+            if inline:
                 return InlineScheduler(self.name, self.runtime, self.stats)
             return Scheduler(self.name, self.runtime, self.stats)
         policy = self.config.dynamic_batching

@@ -59,17 +59,6 @@ class _Sequence:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def hidden_inputs(config: mc.ModelConfig) -> set[str]:
-    """The model inputs a client never sends: control inputs and state inputs."""
-    batching = config.sequence_batching
-    names = {control.name for control in batching.control_input}
-    return names | {state.input_name for state in batching.state}
-
-
-def hidden_outputs(config: mc.ModelConfig) -> set[str]:
-    return {state.output_name for state in config.sequence_batching.state}
-
-
 def controls_of(config: mc.ModelConfig) -> list[ControlInput]:
     controls = []
     for control_input in config.sequence_batching.control_input:

@@ -302,6 +302,19 @@ async def test_a_full_batch_closes_without_waiting_out_the_delay() -> None:
     assert runtime.batches == [3]
 
 
+async def behind_busy(scheduler: Scheduler, busy: Job, queued: list[Job]) -> None:
+    """Hold the runtime on `busy`, queue `queued` behind it, then let them all run."""
+    runtime = scheduler.runtime
+    assert isinstance(runtime, RecordingRuntime)
+    runtime.hold.clear()
+    first = start(scheduler, [busy])
+    await runtime.wait_started()
+    tasks = start(scheduler, queued)
+    await until_queued(scheduler, len(queued))
+    runtime.hold.set()
+    await results(first + tasks)
+
+
 async def test_a_request_as_large_as_the_largest_preferred_size_runs_at_once() -> None:
     """Triton's rule: a batch that reaches the largest preferred size runs now, even when
     it is no preferred size itself (7 with [2, 6]) and the delay is long."""
@@ -316,14 +329,9 @@ async def test_a_request_that_would_overflow_the_batch_sends_the_pending_one() -
     """4 is pending when 7 arrives: 4 + 7 is past max_batch_size, so the 4 runs now and the
     7 forms the next batch, which runs at once too (7 >= the largest preferred size)."""
     runtime = RecordingRuntime()
-    runtime.hold.clear()
     async with serving(batcher(runtime, preferred=(2, 6))) as scheduler:
-        busy = start(scheduler, [job(6)])  # runs at once: 6 is the largest preferred
-        await runtime.wait_started()
-        tasks = start(scheduler, [job(4), job(7)])
-        await until_queued(scheduler, 2)
-        runtime.hold.set()
-        await results(busy + tasks)
+        # 6 runs at once (the largest preferred size); the rest queue behind it.
+        await behind_busy(scheduler, job(6), [job(4), job(7)])
 
     assert runtime.batches == [6, 4, 7]
 
@@ -332,14 +340,9 @@ async def test_the_batcher_looks_past_a_preferred_size_for_a_larger_one() -> Non
     """Queued 1, 1, 2, 2 with preferred [2, 6]: 2 is preferred, but the scan goes on and
     finds 6, which it runs."""
     runtime = RecordingRuntime()
-    runtime.hold.clear()
     async with serving(batcher(runtime, preferred=(2, 6))) as scheduler:
-        busy = start(scheduler, [job(6)])  # runs at once: 6 is the largest preferred
-        await runtime.wait_started()
-        tasks = start(scheduler, [job(1), job(1), job(2), job(2)])
-        await until_queued(scheduler, 4)
-        runtime.hold.set()
-        await results(busy + tasks)
+        # 6 runs at once (the largest preferred size); the rest queue behind it.
+        await behind_busy(scheduler, job(6), [job(1), job(1), job(2), job(2)])
 
     assert runtime.batches == [6, 6]
 
@@ -349,28 +352,17 @@ async def test_a_batch_stops_short_of_passing_the_largest_preferred_size() -> No
     the batch is marked at 4 and runs as 4 (Triton does not go past its preferred sizes
     while the delay lasts); the 3 waits out its delay alone."""
     runtime = RecordingRuntime()
-    runtime.hold.clear()
     async with serving(batcher(runtime, delay_us=100_000, preferred=(2, 6))) as scheduler:
-        busy = start(scheduler, [job(6)])  # runs at once: 6 is the largest preferred
-        await runtime.wait_started()
-        tasks = start(scheduler, [job(4), job(3)])
-        await until_queued(scheduler, 2)
-        runtime.hold.set()
-        await results(busy + tasks)
+        # 6 runs at once (the largest preferred size); the rest queue behind it.
+        await behind_busy(scheduler, job(6), [job(4), job(3)])
 
     assert runtime.batches == [6, 4, 3]
 
 
 async def test_without_preferred_sizes_the_batcher_fills_the_largest_batch_it_can() -> None:
     runtime = RecordingRuntime()
-    runtime.hold.clear()
     async with serving(batcher(runtime, max_batch_size=8)) as scheduler:
-        busy = start(scheduler, [job(8)])  # runs at once: a full batch
-        await runtime.wait_started()
-        tasks = start(scheduler, [job(3), job(2), job(3)])
-        await until_queued(scheduler, 3)
-        runtime.hold.set()
-        await results(busy + tasks)
+        await behind_busy(scheduler, job(8), [job(3), job(2), job(3)])  # 8: full, runs at once
 
     assert runtime.batches == [8, 8]  # full, so it runs without waiting out the delay
 
