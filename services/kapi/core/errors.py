@@ -62,6 +62,28 @@ class Unavailable(KapiError):
     http_status = 503
 
 
+class Unauthenticated(KapiError):
+    """No credentials, or credentials that are not valid."""
+
+    grpc_status = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class PermissionDenied(KapiError):
+    """Valid credentials that do not allow this (a read-only token that writes, say)."""
+
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
+class Conflict(KapiError):
+    """The request conflicts with the current state: a name taken, an alias that moved
+    since the caller read it, a version an alias still points at."""
+
+    grpc_status = grpc.StatusCode.ABORTED
+    http_status = 409
+
+
 class Unimplemented(KapiError):
     grpc_status = grpc.StatusCode.UNIMPLEMENTED
     http_status = 501

@@ -18,6 +18,9 @@ from kapi.core import errors
         (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS, 400),
         (errors.Unavailable, grpc.StatusCode.UNAVAILABLE, 503),
         (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED, 501),
+        (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401),
+        (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403),
+        (errors.Conflict, grpc.StatusCode.ABORTED, 409),
         (errors.InternalError, grpc.StatusCode.INTERNAL, 500),
     ],
 )
@@ -53,6 +56,9 @@ def test_every_error_in_the_module_is_covered() -> None:
         errors.AlreadyExists,
         errors.Unavailable,
         errors.Unimplemented,
+        errors.Unauthenticated,
+        errors.PermissionDenied,
+        errors.Conflict,
         errors.InternalError,
         errors.MissingExtra,
     }
