@@ -1,13 +1,27 @@
-"""Fixtures shared by every test suite: loopback ports and where node processes log."""
+"""Fixtures shared by every test suite: loopback ports, where node processes log, and a
+PostgreSQL server with a fresh database per test."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 
 from tests.support.node import NodeFactory, RunningNode, WaitFor, free_port, start_node
+from tests.support.postgres import (
+    PostgresUnavailable,
+    drop_database,
+    fresh_database,
+    running_postgres,
+)
+from tests.support.registry import RunningRepository, start_repository
+
+# Set (by CI, where PostgreSQL is installed) to fail, not skip, when it cannot start.
+REQUIRE_POSTGRES_ENV = "KAPI_TEST_REQUIRE_POSTGRES"
 
 
 @pytest.fixture
@@ -51,3 +65,45 @@ def start_kapi_node(node_logs: Path) -> Iterator[NodeFactory]:
     yield start
     for node in nodes:
         node.terminate()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a PostgreSQL server for the session: a throwaway cluster, or the one
+    KAPI_TEST_POSTGRES_URL names. The tests that use it skip when there is none."""
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(running_postgres(tmp_path_factory.mktemp("postgres")))
+        except PostgresUnavailable as error:
+            if os.environ.get(REQUIRE_POSTGRES_ENV):
+                raise
+            pytest.skip(f"no PostgreSQL: {error}")
+        yield url
+
+
+@pytest.fixture
+def postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, empty database for one test, dropped at its end."""
+    url = fresh_database(postgres_url)
+    yield url
+    drop_database(postgres_url, url)
+
+
+class RepositoryFactory(Protocol):
+    def __call__(self, data: Path, **kwargs: Any) -> RunningRepository: ...
+
+
+@pytest.fixture
+def start_kapi_repository(node_logs: Path) -> Iterator[RepositoryFactory]:
+    """Starts `kapi repository serve` processes for one test and stops every one at its end
+    (keyword arguments as tests.support.registry.start_repository takes them)."""
+    started: list[RunningRepository] = []
+
+    def start(data: Path, **kwargs: Any) -> RunningRepository:
+        repository = start_repository(data, node_logs, **kwargs)
+        started.append(repository)
+        return repository
+
+    yield start
+    for repository in started:
+        repository.terminate()

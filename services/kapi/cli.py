@@ -87,15 +87,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BOOL",
         help="share the gRPC port with other servers (SO_REUSEPORT; default false)",
     )
+    node.add_argument("--repository", help="follow the model repository at this URL")
+    node.add_argument(
+        "--serve",
+        action="append",
+        help="with --repository: MODEL@ALIAS[,MODEL@ALIAS...] to serve; repeatable",
+    )
+    node.add_argument("--cache-dir", help="with --repository: where downloads are kept")
+    node.add_argument("--repository-token", help="with --repository: a read token")
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument("--log-format", choices=["text", "json"])
     node.set_defaults(handler=_node)
+    from kapi.repository.cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    args.handler(args)
+    if args.command == "node":
+        args.handler(args)
+        return
+    try:
+        args.handler(args)
+    except KapiError as exc:  # one line, not a traceback
+        print(f"kapi {args.command}: error: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+    except pydantic.ValidationError as exc:
+        print(f"kapi {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class DataPlane:
         max_response_bytes: int = 0,
         strict_readiness: bool = True,
     ) -> None:
+        # The hardware profiles the node runs, best first, in ServerMetadata's extensions
+        # as "kapi-profile:<profile>": how a gateway learns them over the protocol itself.
+        self.profile_extensions: tuple[str, ...] = ()
         self.repository = repository
         self.explicit_model_control = explicit_model_control
         self.max_response_bytes = max_response_bytes  # 0: no limit
@@ -83,7 +86,7 @@ class DataPlane:
         return False
 
     def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
-        return SERVER_NAME, __version__, EXTENSIONS
+        return SERVER_NAME, __version__, EXTENSIONS + self.profile_extensions
 
     def model_ready(self, name: str, version: str) -> bool:
         try:

@@ -123,6 +123,13 @@ class ModelRepository:
             await self._unload_versions(old.values())
             _remove(old_files)
 
+    def note(self, name: str, reason: str) -> None:
+        """Say why a model that serves is not what it should be (an update that failed,
+        told by whoever asked for it), or clear that with ""; shown in the index."""
+        entry = self._models.get(name)
+        if entry is not None and entry.versions:
+            entry.reason = reason
+
     def record_failure(self, name: str, reason: str) -> None:
         """A model the node was asked to load at start that is not there: UNAVAILABLE with
         the reason, so that it shows in the index and counts against strict readiness."""
@@ -282,7 +289,8 @@ class ModelRepository:
             entry = self._models.get(name, ModelEntry())
             if entry.versions:
                 rows.extend(
-                    IndexEntry(name, str(v), entry.state, "") for v in sorted(entry.versions)
+                    IndexEntry(name, str(v), entry.state, entry.reason)
+                    for v in sorted(entry.versions)
                 )
             elif not ready_only:
                 rows.append(IndexEntry(name, "", entry.state, entry.reason))

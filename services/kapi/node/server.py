@@ -29,13 +29,16 @@ from starlette.types import ASGIApp
 
 from kapi.core._generated._pool import POOL
 from kapi.core.errors import KapiError, NotFound
+from kapi.core.hardware import detect_profiles
 from kapi.core.metrics import metrics_app
 from kapi.node.dataplane import DataPlane
+from kapi.node.follower import Follower, Target
 from kapi.node.grpc_service import SERVICE, InferenceServicer
 from kapi.node.http import rest_app
 from kapi.node.repository import ModelRepository
 from kapi.node.settings import NodeSettings
 from kapi.node.stats import NodeMetrics
+from kapi.repository.client import RepositoryClient
 
 log = logging.getLogger(__name__)
 # How long stopping the gRPC server waits for calls other than inference (metadata, a
@@ -91,14 +94,29 @@ class NodeServer:
             settings.max_message_bytes,
             settings.strict_readiness,
         )
+        self.profiles = detect_profiles()
+        self.dataplane.profile_extensions = tuple(f"kapi-profile:{p}" for p in self.profiles)
         self.health = _Health(self.dataplane)
         self._stop = asyncio.Event()
+        self.follower = self._follower() if settings.repository else None
+
+    def _follower(self) -> Follower:
+        settings = self.settings
+        assert settings.repository is not None
+        if not settings.serve:
+            raise StartupError("--repository needs --serve MODEL@ALIAS[,MODEL@ALIAS...]")
+        targets = [Target.parse(item) for entry in settings.serve for item in entry.split(",")]
+        client = RepositoryClient(settings.repository, settings.repository_token)
+        follower = Follower(
+            client, targets, settings.cache_dir, self.repository, self.profiles, self.registry
+        )
+        self.repository.root = follower.models_dir
+        follower.models_dir.mkdir(parents=True, exist_ok=True)
+        return follower
 
     async def run(self) -> None:
-        if not self.settings.model_repository.is_dir():
-            raise StartupError(
-                f"the model repository {self.settings.model_repository} is not a directory"
-            )
+        if not self.repository.root.is_dir():
+            raise StartupError(f"the model repository {self.repository.root} is not a directory")
         grpc_server = self._grpc_server()
         sockets = [self._bind("HTTP", self.settings.http_port)]
         sockets.append(self._bind("metrics", self.settings.metrics_port))
@@ -108,13 +126,18 @@ class NodeServer:
         ]
         await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
         await grpc_server.start()
+        following: asyncio.Task[None] | None = None
         http_tasks = [
             asyncio.create_task(server.serve(sockets=[sock]))
             for server, sock in zip(http_servers, sockets, strict=True)
         ]
         try:
             self._install_signal_handlers()
-            await self._load_initial_models()
+            if self.follower is not None:
+                await self.follower.start()
+                following = asyncio.create_task(self.follower.run())
+            else:
+                await self._load_initial_models()
             if not self._stop.is_set():  # a signal during the loads: straight to the drain
                 self.dataplane.serving = True
                 await self._announce()
@@ -122,6 +145,9 @@ class NodeServer:
                 await self._stop.wait()
             await self._drain(grpc_server)
         finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             await grpc_server.stop(0)
             await self.repository.close()
             self.dataplane.shared_memory.close()

@@ -36,3 +36,11 @@ class NodeSettings(ServiceSettings):
     strict_readiness: bool = True
     # Triton's --reuse-grpc-port: let several servers share the gRPC port (SO_REUSEPORT).
     reuse_grpc_port: bool = False
+    # Follow the model repository at this URL instead of serving a directory: serve the best
+    # variant of each MODEL@ALIAS in `serve` for this node's hardware, and switch when the
+    # alias moves. Downloads live in `cache_dir`, which the node also serves from when the
+    # repository is unreachable.
+    repository: str | None = None
+    serve: list[str] = []
+    cache_dir: Path = Path("/var/cache/kapi/node")
+    repository_token: str | None = None

@@ -1,0 +1,1 @@
+"""The model repository: versions, per-hardware variants, aliases, reports, change events."""

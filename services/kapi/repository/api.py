@@ -1,0 +1,419 @@
+"""The repository's REST API (FastAPI; OpenAPI docs at /docs), under /v1.
+
+Errors are JSON `{"error": "..."}` with the status of kapi's error (400 bad input, 401 no or
+bad token, 403 a token without the right, 404 unknown, 409 a conflict with the current
+state, 412 a precondition such as verification, 416 a range past the end). Metadata calls
+run in worker threads; uploads stream to the blob store in 1 MiB writes off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import tarfile
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, as_kapi_error
+from kapi.core.hardware import is_known_profile
+from kapi.repository import entities as ent
+from kapi.repository.auth import Authenticator, Principal
+from kapi.repository.blobs import CHUNK, BlobStore, hex_of
+from kapi.repository.layout import check_member, config_pbtxt
+from kapi.repository.store import MetadataStore
+
+log = logging.getLogger(__name__)
+PREFIX = "/v1"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+STREAM_IDLE_S = 1.0  # how often a quiet watch stream looks for events another process wrote
+
+
+def principal(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    authenticator: Authenticator = request.app.state.auth
+    return authenticator.principal(authorization)
+
+
+Who = Annotated[Principal, Depends(principal)]
+ModelName = Annotated[str, Path(max_length=63)]
+Number = Annotated[int, Path(ge=1)]
+
+
+def variant_key(runtime: str, precision: str, profile: str) -> tuple[str, str, str]:
+    if runtime not in ent.RUNTIMES:
+        raise InvalidArgument(f"runtime {runtime!r} is not one of {list(ent.RUNTIMES)}")
+    if precision not in ent.PRECISIONS:
+        raise InvalidArgument(f"precision {precision!r} is not one of {list(ent.PRECISIONS)}")
+    if not is_known_profile(profile):
+        raise InvalidArgument(f"profile {profile!r} is not a known hardware profile")
+    return runtime, precision, profile
+
+
+Key = Annotated[tuple[str, str, str], Depends(variant_key)]
+
+
+class EventHub:
+    """Wakes watch streams when a change commits (told from worker threads)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event = asyncio.Event()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def notify_threadsafe(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def current(self) -> asyncio.Event:
+        return self._event
+
+
+def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> FastAPI:
+    hub = EventHub()
+    store.on_commit.append(hub.notify_threadsafe)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        hub.bind(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(
+        title="kapi model repository",
+        version="1",
+        lifespan=lifespan,
+        description="Versioned models, per-hardware variants, aliases, reports, change events.",
+    )
+    app.state.auth = auth
+
+    @app.exception_handler(KapiError)
+    async def _kapi_error(_: Request, exc: KapiError) -> JSONResponse:
+        status = 412 if isinstance(exc, FailedPrecondition) else exc.http_status
+        return JSONResponse({"error": exc.message}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse({"error": problems, "detail": exc.errors()}, status_code=422)
+
+    VARIANT = PREFIX + "/models/{model}/versions/{number}/variants/{runtime}/{precision}/{profile}"
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    @app.get(PREFIX + "/models")
+    def list_models(who: Who) -> list[ent.ModelOut]:
+        auth.check_read(who)
+        return store.list_models(who.may_see)
+
+    @app.post(PREFIX + "/models", status_code=201)
+    def create_model(who: Who, spec: ent.ModelCreate) -> ent.ModelOut:
+        auth.check_write(who, spec.name)
+        if spec.requirements is not None:
+            _check_requirements(spec.requirements)
+        return store.create_model(who.name, spec)
+
+    @app.get(PREFIX + "/models/{model}")
+    def get_model(who: Who, model: ModelName) -> ent.ModelOut:
+        auth.check_read(who, model)
+        return store.get_model(model)
+
+    @app.get(PREFIX + "/models/{model}/versions")
+    def list_versions(who: Who, model: ModelName) -> list[ent.VersionOut]:
+        auth.check_read(who, model)
+        return store.list_versions(model)
+
+    @app.post(PREFIX + "/models/{model}/versions", status_code=201)
+    def create_version(who: Who, model: ModelName, spec: ent.VersionCreate) -> ent.VersionOut:
+        auth.check_write(who, model)
+        return store.create_version(who.name, model, spec)
+
+    @app.get(PREFIX + "/models/{model}/versions/{number}")
+    def get_version(who: Who, model: ModelName, number: Number) -> ent.VersionOut:
+        auth.check_read(who, model)
+        return store.get_version(model, number)
+
+    @app.delete(PREFIX + "/models/{model}/versions/{number}", status_code=204)
+    def delete_version(who: Who, model: ModelName, number: Number) -> Response:
+        auth.check_write(who, model)
+        for digest in store.delete_version(who.name, model, number):
+            blobs.delete(digest)
+        return Response(status_code=204)
+
+    @app.put(VARIANT, status_code=201)
+    async def upload_variant(
+        request: Request,
+        who: Who,
+        model: ModelName,
+        number: Number,
+        key: Key,
+        digest: Annotated[str, Query(description="sha256:<hex> of the artifact's bytes")],
+        fmt: Annotated[Literal["file", "tar"], Query(alias="format")] = "file",
+        filename: Annotated[str | None, Query()] = None,
+    ) -> ent.VariantOut:
+        """Upload an artifact. It is streamed to the blob store and becomes visible only once
+        its digest (and its length, when Content-Length is sent) is checked; a variant is
+        immutable. `format=tar`: a tar of the version directory's files."""
+        auth.check_write(who, model)
+        hex_of(digest)
+        name = ent.check_filename(filename or ent.DEFAULT_FILENAME[key[0]])
+        await run_in_threadpool(store.check_variant_free, model, number, key)
+        blob_digest, size = await _receive(request, blobs, digest)
+        if fmt == "tar":
+            try:
+                await run_in_threadpool(_check_archive, blobs, blob_digest)
+            except InvalidArgument:
+                if not await run_in_threadpool(store.digest_used, blob_digest):
+                    await run_in_threadpool(blobs.delete, blob_digest)
+                raise
+        return await run_in_threadpool(
+            store.add_variant, who.name, model, number, key, blob_digest, size, fmt, name
+        )
+
+    @app.get(VARIANT)
+    def get_variant(who: Who, model: ModelName, number: Number, key: Key) -> ent.VariantOut:
+        auth.check_read(who, model)
+        return store.get_variant(model, number, key)
+
+    @app.get(VARIANT + "/artifact")
+    def download(
+        who: Who,
+        model: ModelName,
+        number: Number,
+        key: Key,
+        range_header: Annotated[str | None, Header(alias="range")] = None,
+    ) -> Response:
+        """The artifact's bytes; a `Range: bytes=…` request gets 206 and just those bytes,
+        so a pull that broke off resumes where it stopped."""
+        auth.check_read(who, model)
+        variant = store.get_variant(model, number, key)
+        return _download(blobs, variant, range_header)
+
+    @app.get(VARIANT + "/config.pbtxt")
+    def triton_config(who: Who, model: ModelName, number: Number, key: Key) -> PlainTextResponse:
+        """The variant's Triton model configuration, as the Triton-layout export writes it."""
+        auth.check_read(who, model)
+        return PlainTextResponse(
+            config_pbtxt(store.get_model(model), store.get_variant(model, number, key))
+        )
+
+    @app.put(VARIANT + "/report")
+    def set_report(
+        who: Who, model: ModelName, number: Number, key: Key, report: ent.Report
+    ) -> ent.VariantOut:
+        auth.check_write(who, model)
+        return store.set_report(who.name, model, number, key, report)
+
+    @app.put(VARIANT + "/benchmarks")
+    def set_benchmarks(
+        who: Who, model: ModelName, number: Number, key: Key, results: dict[str, dict[str, Any]]
+    ) -> ent.VariantOut:
+        """Benchmark results by the profile they were measured on; merged into those stored."""
+        auth.check_write(who, model)
+        for profile in results:
+            if not is_known_profile(profile):
+                raise InvalidArgument(f"profile {profile!r} is not a known hardware profile")
+        return store.set_benchmarks(who.name, model, number, key, results)
+
+    @app.put(PREFIX + "/models/{model}/aliases/{alias}")
+    def set_alias(
+        who: Who, model: ModelName, alias: Annotated[str, Path(max_length=63)], spec: ent.AliasSet
+    ) -> ent.ModelOut:
+        auth.check_write(who, model)
+        return store.set_alias(who.name, model, alias, spec)
+
+    @app.delete(PREFIX + "/models/{model}/aliases/{alias}", status_code=204)
+    def delete_alias(who: Who, model: ModelName, alias: str) -> Response:
+        auth.check_write(who, model)
+        store.delete_alias(who.name, model, alias)
+        return Response(status_code=204)
+
+    @app.get(PREFIX + "/models/{model}/resolve")
+    def resolve(
+        who: Who,
+        model: ModelName,
+        ref: Annotated[str, Query(description="an alias, a version number or 'latest'")],
+        profile: Annotated[list[str], Query(description="the node's profiles, best first")],
+        runtime: Annotated[list[str], Query(description="the runtimes the node has")],
+    ) -> ent.Resolved:
+        auth.check_read(who, model)
+        return store.resolve(model, ref, profile, runtime)
+
+    @app.get(PREFIX + "/events")
+    def events(
+        who: Who,
+        after: Annotated[int, Query(ge=0)] = 0,
+        model: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    ) -> list[ent.EventOut]:
+        """The event log after a cursor (an event id), oldest first."""
+        auth.check_read(who, model)
+        rows = store.events(after, model, limit)
+        return [e for e in rows if who.may_see(e.model)]
+
+    @app.get(PREFIX + "/events/cursor")
+    def cursor(who: Who) -> dict[str, int]:
+        """The newest event's id (0 when there is none): where a watch that starts now
+        resumes from."""
+        auth.check_read(who)
+        return {"cursor": store.cursor()}
+
+    @app.get(PREFIX + "/events/stream")
+    async def stream(
+        who: Who,
+        after: Annotated[int, Query(ge=0)] = 0,
+        model: str | None = None,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> EventSourceResponse:
+        """The event log as server-sent events, from a cursor on, then live. Each event's
+        `id` is its cursor: a client that reconnects with Last-Event-ID misses nothing."""
+        auth.check_read(who, model)
+        cursor = after
+        if last_event_id is not None:
+            if not last_event_id.isdigit():
+                raise InvalidArgument(f"Last-Event-ID {last_event_id!r} is not an event id")
+            cursor = int(last_event_id)
+
+        async def events_from(cursor: int) -> AsyncIterator[dict[str, Any]]:
+            while True:
+                wake = hub.current()  # taken before reading: a commit after it wakes us
+                rows = await run_in_threadpool(store.events, cursor, model, 500)
+                for row in rows:
+                    cursor = row.id
+                    if who.may_see(row.model):
+                        yield {"id": str(row.id), "event": row.kind, "data": row.model_dump_json()}
+                if not rows:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), STREAM_IDLE_S)
+
+        return EventSourceResponse(events_from(cursor), ping=10)
+
+    return app
+
+
+async def _receive(request: Request, blobs: BlobStore, digest: str) -> tuple[str, int]:
+    """Stream the request body into the blob store; the blob is visible only when complete
+    and its digest matches."""
+    writer = await run_in_threadpool(blobs.writer)
+    declared = request.headers.get("content-length")
+    try:
+        pending: list[bytes] = []
+        pending_size = 0
+        try:
+            async for chunk in request.stream():
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= CHUNK:
+                    await run_in_threadpool(writer.write, b"".join(pending))
+                    pending, pending_size = [], 0
+        except ClientDisconnect:
+            raise InvalidArgument(
+                f"the upload was cut short after {writer.size + pending_size} bytes; "
+                "nothing was stored"
+            ) from None
+        if pending:
+            await run_in_threadpool(writer.write, b"".join(pending))
+        if declared is not None and declared.isdigit() and int(declared) != writer.size:
+            raise InvalidArgument(
+                f"the upload has {writer.size} bytes, not the {declared} it declared"
+            )
+        blob = await run_in_threadpool(writer.commit, digest)
+        return blob.digest, blob.size
+    finally:
+        await run_in_threadpool(writer.abort)
+
+
+def _check_archive(blobs: BlobStore, digest: str) -> None:
+    """A tar artifact holds regular files and directories only, each inside the version
+    directory: no absolute names, no '..', no links or devices."""
+    reader = _IterReader(blobs.read(digest))
+    try:
+        with tarfile.open(fileobj=reader, mode="r|*") as archive:  # type: ignore[call-overload]
+            count = 0
+            for member in archive:
+                check_member(member)
+                count += 1
+    except tarfile.TarError as exc:
+        raise InvalidArgument(f"the artifact is not a readable tar archive: {exc}") from exc
+    if count == 0:
+        raise InvalidArgument("the tar artifact holds no files")
+
+
+class _IterReader:
+    """A file object over an iterator of chunks, for tarfile's streaming mode."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def _download(blobs: BlobStore, variant: ent.VariantOut, range_header: str | None) -> Response:
+    size = variant.size
+    headers = {
+        "accept-ranges": "bytes",
+        "etag": f'"{variant.digest}"',
+        "x-kapi-digest": variant.digest,
+        "content-disposition": f'attachment; filename="{variant.filename}"',
+    }
+    start, end, status = 0, size, 200
+    if range_header is not None:
+        match = _RANGE.fullmatch(range_header.strip())
+        if match and (match[1] or match[2]):  # one range; several are answered whole
+            if match[1]:
+                start = int(match[1])
+                end = min(size, int(match[2]) + 1) if match[2] else size
+            else:
+                start = max(0, size - int(match[2]))
+            if start >= size or start >= end:
+                return Response(
+                    status_code=416,
+                    headers={"content-range": f"bytes */{size}", **headers},
+                )
+            status = 206
+            headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["content-length"] = str(end - start)
+    return StreamingResponse(
+        iterate_in_threadpool(blobs.read(variant.digest, start, end)),
+        status_code=status,
+        media_type="application/octet-stream",
+        headers=headers,
+    )
+
+
+def _check_requirements(document: dict[str, Any]) -> None:
+    from kapi.core.requirements import parse_requirements
+
+    try:
+        parse_requirements(document)
+    except KapiError:
+        raise
+    except Exception as exc:
+        raise as_kapi_error(exc) from exc

@@ -1,0 +1,125 @@
+"""Triton's model-repository layout, written from what the repository stores:
+`<model>/config.pbtxt` and `<model>/<version>/<artifact's files>`. The Triton-layout export and
+nodes that follow the repository both write it; a Triton server or a kapi node serves it.
+
+Written safely: a tar artifact's members are checked before anything is extracted (regular
+files and directories only, every name inside the version directory), and a version
+directory appears complete or not at all (written aside, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from kapi.core.errors import InvalidArgument
+from kapi.repository import entities as ent
+
+PLATFORMS = {
+    "onnxruntime": "onnxruntime_onnx",
+    "openvino": "openvino",
+    "tensorrt": "tensorrt_plan",
+    "tflite": "tflite",
+}
+
+
+def config_pbtxt(model: ent.ModelOut, variant: ent.VariantOut, version: int | None = None) -> str:
+    """The Triton model configuration of one variant: its platform, and the model's
+    signature when it has one (without, Triton and kapi complete it from the model file).
+    With `version`, a policy that serves that version alone."""
+    lines = [f'name: "{model.name}"', f'platform: "{PLATFORMS[variant.runtime]}"']
+    if variant.format == "file" and variant.filename != ent.DEFAULT_FILENAME[variant.runtime]:
+        lines.append(f'default_model_filename: "{variant.filename}"')
+    signature = model.signature
+    if signature is not None:
+        lines.append(f"max_batch_size: {signature.max_batch_size}")
+        batched = signature.max_batch_size > 0
+        for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
+            items = []
+            for spec in specs:
+                dims = spec.shape[1:] if batched else spec.shape
+                items.append(
+                    f'  {{ name: "{spec.name}", data_type: TYPE_{_type(spec.datatype)}, '
+                    f"dims: [{', '.join(map(str, dims))}] }}"
+                )
+            lines.append(f"{kind} [\n" + ",\n".join(items) + "\n]")
+        if batched:
+            lines.append("dynamic_batching { }")
+    if version is not None:
+        lines.append(f"version_policy: {{ specific: {{ versions: [{version}] }} }}")
+    return "\n".join(lines) + "\n"
+
+
+def _type(datatype: str) -> str:
+    return "STRING" if datatype == "BYTES" else datatype
+
+
+def check_member(member: tarfile.TarInfo) -> None:
+    """A tar member that may be extracted into a version directory, else InvalidArgument."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts or member.name.startswith(("/", "\\")):
+        raise InvalidArgument(
+            f"the archive member {member.name!r} points outside the version directory"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise InvalidArgument(
+            f"the archive member {member.name!r} is not a regular file or a directory "
+            "(links and devices are refused)"
+        )
+
+
+def write_version(
+    model_dir: Path, version: int, variant: ent.VariantOut, chunks: Iterable[bytes]
+) -> Path:
+    """Write `model_dir/<version>/` from an artifact's bytes; replaces what was there."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}-"))
+    try:
+        if variant.format == "tar":
+            archive = staging / ".artifact.tar"
+            _write_file(archive, chunks)
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for member in members:
+                    check_member(member)
+                tar.extractall(staging, members=members, filter="data")
+            archive.unlink()
+        else:
+            _write_file(staging / ent.check_filename(variant.filename), chunks)
+        target = model_dir / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_config(model_dir: Path, text: str) -> None:
+    """Replace config.pbtxt in one step (a node reading it sees the old or the new one)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    temp = model_dir / ".config.pbtxt.tmp"
+    temp.write_text(text)
+    os.replace(temp, model_dir / "config.pbtxt")
+
+
+def inside(root: Path, name: str) -> Path:
+    """`root/name` for a model name, refused unless it stays inside root."""
+    ent.check_name("model", name)
+    target = (root / name).resolve()
+    if target.parent != root.resolve():
+        raise InvalidArgument(f"model directory {target} is not inside {root}")
+    return target
+
+
+def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
+    with path.open("wb") as file:
+        for chunk in chunks:
+            file.write(chunk)
+        file.flush()
+        os.fsync(file.fileno())
