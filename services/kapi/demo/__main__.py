@@ -1,7 +1,9 @@
 """`make demo`: build an example model repository, serve it with a kapi node, query it with
 tritonclient exactly as a Triton user would (gRPC and REST; classification, an ensemble, a
 stateful sequence, shared memory, a load with overrides), show the node holding up against
-a broken model, a malformed request and SIGTERM under load, and leave the repository on disk.
+a broken model, a malformed request and SIGTERM under load; then push the CNN to a kapi
+model repository, serve it from there through `digits@production` and move the alias under
+traffic; and leave the repository on disk.
 
 Needs the dev extra (torch, onnx, openvino, tritonclient).
 """
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kapi.demo import _hardening, _parity, _repository, _serving
+from kapi.demo import _hardening, _parity, _registry, _repository, _serving
 
 DEFAULT_ROOT = Path("demo-repository")
 
@@ -38,8 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+    registry = root.parent / "demo-registry"
+    _registry.model_repository(root, registry)
+    print(f"   its data, the node's cache and log, and the export stay in {registry}")
     kapi = Path(sys.executable).with_name("kapi")
-    print(f"9. the repository stays in {root}; serve it yourself with:")
+    print(f"10. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 
