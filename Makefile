@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test lint typecheck proto proto-check bench clean
+.PHONY: install demo test lint typecheck proto proto-check bench bench-repository clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ proto-check: install
 
 bench: install
 	$(PY) bench/node.py
+
+bench-repository: install
+	$(PY) bench/repository.py
 
 clean:
 	rm -rf $(VENV) bench/results .pytest_cache .mypy_cache .ruff_cache

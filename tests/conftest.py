@@ -42,7 +42,7 @@ def start_kapi_node(node_logs: Path) -> Iterator[NodeFactory]:
     nodes: list[RunningNode] = []
 
     def start(
-        repository: Path,
+        repository: Path | None,
         *,
         explicit: bool = False,
         load_models: Sequence[str] = (),

@@ -79,7 +79,7 @@ def follow(
     start_kapi_node: NodeFactory, tmp_path: Path, url: str, serve: str, wait_for: str = "ready"
 ) -> RunningNode:
     return start_kapi_node(
-        tmp_path / "unused",
+        None,
         args=["--repository", url, "--serve", serve, "--cache-dir", str(tmp_path / "cache")],
         wait_for=wait_for,  # type: ignore[arg-type]
     )

@@ -42,7 +42,7 @@ class NodeFactory(Protocol):
 
     def __call__(
         self,
-        repository: Path,
+        repository: Path | None,
         *,
         explicit: bool = False,
         load_models: Sequence[str] = (),
@@ -112,7 +112,7 @@ def terminate(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_
 
 
 def start_node(
-    repository: Path,
+    repository: Path | None,
     log_dir: Path,
     *,
     explicit: bool = False,
@@ -122,7 +122,8 @@ def start_node(
     wait_for: WaitFor = "ready",
     attempts: int = 3,
 ) -> RunningNode:
-    """A `kapi node` serving `repository`, ready (or only live: `wait_for`). `args` are
+    """A `kapi node` serving `repository` (None: no directory, for a node that follows the
+    model repository), ready (or only live: `wait_for`). `args` are
     more command-line flags."""
     flags = [*(["--model-control-mode", "explicit"] if explicit else [])]
     for name in load_models:
@@ -168,7 +169,7 @@ def running_node(
 
 
 def _spawn(
-    repository: Path,
+    repository: Path | None,
     log_dir: Path,
     flags: Sequence[str],
     env: Mapping[str, str],
@@ -177,7 +178,7 @@ def _spawn(
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [
         str(KAPI), "node",
-        "--model-repository", str(repository),
+        *(["--model-repository", str(repository)] if repository is not None else []),
         "--host", HOST,
         "--grpc-port", str(grpc_port),
         "--http-port", str(http_port),

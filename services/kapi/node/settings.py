@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from kapi.core.settings import ServiceSettings
@@ -44,3 +44,22 @@ class NodeSettings(ServiceSettings):
     serve: list[str] = []
     cache_dir: Path = Path("/var/cache/kapi/node")
     repository_token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> NodeSettings:
+        """A directory or the repository, never both; and nothing that would go unused."""
+        if self.repository is None:
+            for name in ("serve", "repository_token"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} needs repository (--repository URL)")
+            return self
+        if not self.serve:
+            raise ValueError("repository needs serve (--serve MODEL@ALIAS[,MODEL@ALIAS...])")
+        if "model_repository" in self.model_fields_set:
+            raise ValueError("give model_repository or repository, not both")
+        if self.model_control_mode != "none" or self.load_models:
+            raise ValueError(
+                "a node that follows the repository loads what --serve names: "
+                "model_control_mode and load_models are for a model directory"
+            )
+        return self

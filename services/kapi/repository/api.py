@@ -17,10 +17,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, as_kapi_error
@@ -109,7 +111,14 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        return JSONResponse({"error": problems, "detail": exc.errors()}, status_code=422)
+        # jsonable_encoder: a validator's error carries its exception in `ctx`.
+        detail = jsonable_encoder(exc.errors())
+        return JSONResponse({"error": problems, "detail": detail}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        # No such route (404) or method (405, with its Allow header): an error like the others.
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     VARIANT = PREFIX + "/models/{model}/versions/{number}/variants/{runtime}/{precision}/{profile}"
 
@@ -175,16 +184,18 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         name = ent.check_filename(filename or ent.DEFAULT_FILENAME[key[0]])
         await run_in_threadpool(store.check_variant_free, model, number, key)
         blob_digest, size = await _receive(request, blobs, digest)
-        if fmt == "tar":
-            try:
+        try:
+            if fmt == "tar":
                 await run_in_threadpool(_check_archive, blobs, blob_digest)
-            except InvalidArgument:
-                if not await run_in_threadpool(store.digest_used, blob_digest):
-                    await run_in_threadpool(blobs.delete, blob_digest)
-                raise
-        return await run_in_threadpool(
-            store.add_variant, who.name, model, number, key, blob_digest, size, fmt, name
-        )
+            return await run_in_threadpool(
+                store.add_variant, who.name, model, number, key, blob_digest, size, fmt, name
+            )
+        except KapiError:
+            # Refused once its bytes were in (a bad archive; the variant taken or the version
+            # deleted meanwhile): drop them, unless a variant uses the same bytes.
+            if not await run_in_threadpool(store.digest_used, blob_digest):
+                await run_in_threadpool(blobs.delete, blob_digest)
+            raise
 
     @app.get(VARIANT)
     def get_variant(who: Who, model: ModelName, number: Number, key: Key) -> ent.VariantOut:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 PRODUCTION = "production"
 _NUMBER_RETRIES = 5
+_EVENTS_LOCK = 0x6B617069  # the advisory lock that orders events on PostgreSQL ("kapi")
 
 
 def connect(url: str) -> Engine:
@@ -409,6 +410,13 @@ def _log(
     version: int | None,
     detail: dict[str, Any],
 ) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        # Events must commit in id order, or a watcher past a later id skips an earlier one
+        # that commits after it: writers take one lock, held to their commit, before their
+        # event gets its id (SQLite's write lock does that already). Their other writes are
+        # flushed first, so that no writer waits for a row while holding it.
+        session.flush()
+        session.execute(select(func.pg_advisory_xact_lock(_EVENTS_LOCK)))
     session.add(Event(actor=actor, kind=kind, model=model, version=version, detail=detail))
 
 

@@ -6,6 +6,8 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pydantic
+import pytest
 from kapi.node.server import NodeServer
 from kapi.node.settings import NodeSettings
 
@@ -33,3 +35,24 @@ async def test_http_connections_send_without_waiting_for_nagle(tmp_path: Path) -
     finally:
         tcp.close()
         await tcp.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"serve": ["digits@production"]}, "serve needs repository"),
+        ({"repository_token": "t" * 20}, "repository_token needs repository"),
+        ({"repository": "http://127.0.0.1:1"}, "repository needs serve"),
+        (
+            {"repository": "http://r", "serve": ["d@p"], "model_repository": "/models"},
+            "not both",
+        ),
+        (
+            {"repository": "http://r", "serve": ["d@p"], "model_control_mode": "explicit"},
+            "loads what --serve names",
+        ),
+    ],
+)
+def test_settings_that_would_go_unused_are_refused(settings: dict[str, object], words: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=words):
+        NodeSettings(**settings)  # type: ignore[arg-type]
