@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -193,6 +194,30 @@ def test_the_migrations_and_the_models_agree(store: MetadataStore) -> None:
     assert differences == []
 
 
+def test_upgrading_from_the_first_schema_keeps_version_numbers_going(engine: Engine) -> None:
+    """0002 gives models a counter of version numbers, started from the versions there."""
+    config = _alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(
+            text(
+                "INSERT INTO models (id, name, description, created_at, created_by) "
+                "VALUES (1, 'resnet', '', CURRENT_TIMESTAMP, 'old')"
+            )
+        )
+        for number in (1, 2):
+            connection.execute(
+                text(
+                    "INSERT INTO versions (model_id, number, lineage, metrics, created_at, "
+                    "created_by) VALUES (1, :n, '{}', '{}', CURRENT_TIMESTAMP, 'old')"
+                ),
+                {"n": number},
+            )
+    migrate(engine)
+    assert version(MetadataStore(engine)) == 3
+
+
 def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
@@ -271,6 +296,15 @@ def test_versions_are_numbered_one_two_three(store: MetadataStore) -> None:
     assert [v.number for v in store.list_versions("resnet")] == [1, 2, 3]
     assert store.get_version("resnet", 1) == first
     assert store.get_model("resnet").latest_version == 3
+
+
+def test_a_deleted_versions_number_is_not_given_again(store: MetadataStore) -> None:
+    model(store)
+    assert [version(store), version(store)] == [1, 2]
+    store.delete_version(ACTOR, "resnet", 2)
+    store.delete_version(ACTOR, "resnet", 1)
+    assert version(store) == 3
+    assert [v.number for v in store.list_versions("resnet")] == [3]
 
 
 def test_two_models_number_their_versions_independently(store: MetadataStore) -> None:

@@ -64,6 +64,8 @@ class Model(Base):
     requirements: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=now)
     created_by: Mapped[str] = mapped_column(String(255))
+    # The highest version number ever given, so that a deleted version's is not reused.
+    last_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     versions: Mapped[list[Version]] = relationship(back_populates="model")
     aliases: Mapped[list[Alias]] = relationship(back_populates="model")

@@ -116,12 +116,9 @@ class MetadataStore:
                     # Locked: PostgreSQL's concurrent writers queue here (SQLite's already
                     # do, at BEGIN IMMEDIATE) rather than all taking the same number.
                     model = _model(session, name, lock=True)
-                    number = 1 + (
-                        session.scalar(
-                            select(func.max(Version.number)).where(Version.model_id == model.id)
-                        )
-                        or 0
-                    )
+                    # Numbers are never reused: a deleted version's number stays its own.
+                    number = model.last_version + 1
+                    model.last_version = number
                     session.add(
                         Version(
                             model_id=model.id,
