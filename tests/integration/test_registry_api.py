@@ -529,6 +529,89 @@ def test_an_upload_with_the_wrong_digest_is_refused(
     assert uploads_in_progress(repository.data) == []
 
 
+# uploads in two steps: the bytes, then the variant that names them
+
+
+def sent(api: httpx.Client, data: bytes) -> dict[str, Any]:
+    response = api.post("/v1/uploads", content=data)
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def named(api: httpx.Client, model: str, key: Key, upload_id: str, digest: str) -> httpx.Response:
+    params = {"digest": digest, "upload": upload_id}
+    return api.put(variant_path(model, 1, key), params=params)
+
+
+def test_bytes_sent_first_become_a_variant_once_named(
+    repository: RunningRepository, api: httpx.Client
+) -> None:
+    name = model_with_version(api, "two-step")
+    data = os.urandom(5000)
+    body = sent(api, data)
+    assert (body["digest"], body["size"]) == (digest_of(data), len(data))
+    assert variant_keys(api, name, 1) == []  # kept aside: visible to no one yet
+    assert not blob_file(repository.data, body["digest"]).exists()
+    response = named(api, name, ONNX_CPU, body["upload"], digest_of(data))
+    assert response.status_code == 201, response.text
+    assert blob_file(repository.data, body["digest"]).read_bytes() == data
+    again = named(api, name, ONNX_VNNI, body["upload"], digest_of(data))
+    assert again.status_code == 404  # an upload names one variant
+    assert "taken already" in error_of(again)
+
+
+def test_bytes_sent_first_with_another_digest_are_dropped(
+    repository: RunningRepository, api: httpx.Client
+) -> None:
+    name = model_with_version(api, "two-step-wrong")
+    data = os.urandom(3000)
+    body = sent(api, data)
+    response = named(api, name, ONNX_CPU, body["upload"], digest_of(b"other bytes"))
+    assert response.status_code == 400
+    assert "nothing was stored" in error_of(response)
+    assert variant_keys(api, name, 1) == []
+    assert not blob_file(repository.data, digest_of(data)).exists()
+    wait_for(lambda: uploads_in_progress(repository.data) == [], "the upload's file to go")
+
+
+def test_an_unknown_upload_or_a_body_beside_one_is_refused(api: httpx.Client) -> None:
+    name = model_with_version(api, "two-step-bad")
+    unknown = named(api, name, ONNX_CPU, "no-such-upload", digest_of(ARTIFACT))
+    assert unknown.status_code == 404
+    body = sent(api, ARTIFACT)
+    params = {"digest": digest_of(ARTIFACT), "upload": body["upload"]}
+    both = api.put(variant_path(name, 1, ONNX_CPU), params=params, content=ARTIFACT)
+    assert both.status_code == 400
+    assert "no body of its own" in error_of(both)
+    kept = named(api, name, ONNX_CPU, body["upload"], digest_of(ARTIFACT))
+    assert kept.status_code == 201  # refusing the request did not drop the upload
+
+
+def test_only_the_token_that_sent_bytes_names_them(
+    tmp_path: Path, start_kapi_repository: RepositoryFactory
+) -> None:
+    secured = start_kapi_repository(tmp_path / "data", tokens=TOKENS)
+    with (
+        as_token(secured, WRITER["token"]) as writer,
+        as_token(secured, DIGITS_ONLY["token"]) as other,
+        as_token(secured, READER["token"]) as reader,
+        as_token(secured, None) as nobody,
+    ):
+        create_model(writer, "digits")
+        number = create_version(writer, "digits")
+        assert reader.post("/v1/uploads", content=ARTIFACT).status_code == 403
+        assert nobody.post("/v1/uploads", content=ARTIFACT).status_code == 401
+        body = sent(writer, ARTIFACT)
+        params = {"digest": digest_of(ARTIFACT), "upload": body["upload"]}
+        path = variant_path("digits", number, ONNX_CPU)
+        stolen = other.put(path, params=params)
+        assert stolen.status_code == 403
+        assert "another token" in error_of(stolen)
+        mine = writer.put(path, params=params)
+        assert mine.status_code == 201, mine.text
+
+
 @pytest.mark.parametrize(
     "digest",
     [

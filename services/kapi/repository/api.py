@@ -12,8 +12,12 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import tarfile
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
@@ -25,17 +29,26 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from kapi.core.errors import FailedPrecondition, InvalidArgument, KapiError, as_kapi_error
+from kapi.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    KapiError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    as_kapi_error,
+)
 from kapi.core.hardware import is_known_profile
 from kapi.repository import entities as ent
 from kapi.repository.auth import Authenticator, Principal
-from kapi.repository.blobs import CHUNK, BlobStore, hex_of
+from kapi.repository.blobs import CHUNK, BlobStore, BlobWriter, hex_of
 from kapi.repository.layout import check_member, config_pbtxt
 from kapi.repository.store import MetadataStore
 
 log = logging.getLogger(__name__)
 PREFIX = "/v1"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+UPLOAD_AHEAD_CHUNKS = 8  # how far receiving may run ahead of hashing and writing, in CHUNKs
 STREAM_IDLE_S = 1.0  # how often a quiet watch stream looks for events another process wrote
 
 
@@ -60,6 +73,44 @@ def variant_key(runtime: str, precision: str, profile: str) -> tuple[str, str, s
 
 
 Key = Annotated[tuple[str, str, str], Depends(variant_key)]
+
+
+class PendingUploads:
+    """Bytes sent to /uploads, waiting for the variant upload that names them."""
+
+    TTL_S = 3600.0
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[BlobWriter, str, float]] = {}
+
+    def add(self, writer: BlobWriter, owner: str) -> str:
+        if len(self._pending) >= self.LIMIT:
+            raise Unavailable(
+                f"{self.LIMIT} uploads wait to be named already; name or abandon some first"
+            )
+        upload = secrets.token_urlsafe(16)
+        self._pending[upload] = (writer, owner, time.monotonic())
+        return upload
+
+    def take(self, upload: str, owner: str) -> BlobWriter:
+        entry = self._pending.get(upload)
+        if entry is None:
+            raise NotFound(f"upload {upload!r} is unknown, taken already, or expired")
+        if entry[1] != owner:
+            raise PermissionDenied(f"upload {upload!r} was sent with another token")
+        del self._pending[upload]
+        return entry[0]
+
+    def expired(self) -> list[BlobWriter]:
+        cutoff = time.monotonic() - self.TTL_S
+        stale = [key for key, (_, _, at) in self._pending.items() if at < cutoff]
+        return [self._pending.pop(key)[0] for key in stale]
+
+    def drain(self) -> list[BlobWriter]:
+        writers = [writer for writer, _, _ in self._pending.values()]
+        self._pending.clear()
+        return writers
 
 
 class EventHub:
@@ -87,11 +138,14 @@ class EventHub:
 def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> FastAPI:
     hub = EventHub()
     store.on_commit.append(hub.notify_threadsafe)
+    uploads = PendingUploads()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         hub.bind(asyncio.get_running_loop())
         yield
+        for writer in uploads.drain():
+            writer.abort()
 
     app = FastAPI(
         title="kapi model repository",
@@ -175,15 +229,29 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         digest: Annotated[str, Query(description="sha256:<hex> of the artifact's bytes")],
         fmt: Annotated[Literal["file", "tar"], Query(alias="format")] = "file",
         filename: Annotated[str | None, Query()] = None,
+        upload: Annotated[str | None, Query(description="bytes sent to /uploads")] = None,
     ) -> ent.VariantOut:
         """Upload an artifact. It is streamed to the blob store and becomes visible only once
         its digest (and its length, when Content-Length is sent) is checked; a variant is
-        immutable. `format=tar`: a tar of the version directory's files."""
+        immutable. `format=tar`: a tar of the version directory's files. With `upload`, the
+        bytes are those sent to /uploads before, and the request has no body."""
         auth.check_write(who, model)
         hex_of(digest)
         name = ent.check_filename(filename or ent.DEFAULT_FILENAME[key[0]])
         await run_in_threadpool(store.check_variant_free, model, number, key)
-        blob_digest, size = await _receive(request, blobs, digest)
+        if upload is not None:
+            if request.headers.get("content-length", "0") != "0":
+                raise InvalidArgument("a variant made from an upload has no body of its own")
+            writer = uploads.take(upload, who.name)
+        else:
+            writer = await run_in_threadpool(blobs.writer)
+        try:
+            if upload is None:
+                await _receive(request, writer)
+            blob = await run_in_threadpool(writer.commit, digest)
+        finally:
+            await run_in_threadpool(writer.abort)
+        blob_digest, size = blob.digest, blob.size
         try:
             if fmt == "tar":
                 await run_in_threadpool(_check_archive, blobs, blob_digest)
@@ -196,6 +264,24 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
             if not await run_in_threadpool(store.digest_used, blob_digest):
                 await run_in_threadpool(blobs.delete, blob_digest)
             raise
+
+    @app.post(PREFIX + "/uploads", status_code=201)
+    async def start_upload(request: Request, who: Who) -> ent.UploadOut:
+        """Send bytes first and name them after, as OCI registries take a blob whose client
+        learns its digest only once it has sent it: the bytes are kept aside, visible to no
+        one, and their digest and size returned. A variant upload with `upload=<id>` and the
+        digest the client computed publishes them; unclaimed, they go after an hour."""
+        auth.check_write_scope(who)
+        for stale in uploads.expired():
+            await run_in_threadpool(stale.abort)
+        writer = await run_in_threadpool(blobs.writer)
+        try:
+            size = await _receive(request, writer)
+            upload = uploads.add(writer, who.name)
+        except BaseException:
+            await run_in_threadpool(writer.abort)
+            raise
+        return ent.UploadOut(upload=upload, digest=writer.digest, size=size)
 
     @app.get(VARIANT)
     def get_variant(who: Who, model: ModelName, number: Number, key: Key) -> ent.VariantOut:
@@ -318,36 +404,43 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
     return app
 
 
-async def _receive(request: Request, blobs: BlobStore, digest: str) -> tuple[str, int]:
-    """Stream the request body into the blob store; the blob is visible only when complete
-    and its digest matches."""
-    writer = await run_in_threadpool(blobs.writer)
+async def _receive(request: Request, writer: BlobWriter) -> int:
+    """Stream the request body into a blob writer; returns its size. The bytes are hashed
+    on one thread and written on another, each in order, while the event loop goes on
+    receiving (a few MiB ahead at most)."""
+    loop = asyncio.get_running_loop()
     declared = request.headers.get("content-length")
-    try:
-        pending: list[bytes] = []
-        pending_size = 0
+    with ThreadPoolExecutor(1, "hash") as hasher, ThreadPoolExecutor(1, "store") as storer:
+        steps: deque[asyncio.Future[None]] = deque()
+        received, pending, pending_size = 0, list[bytes](), 0
         try:
             async for chunk in request.stream():
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= CHUNK:
-                    await run_in_threadpool(writer.write, b"".join(pending))
+                    data = b"".join(pending)
+                    steps.append(loop.run_in_executor(hasher, writer.hash, data))
+                    steps.append(loop.run_in_executor(storer, writer.store, data))
+                    received += pending_size
                     pending, pending_size = [], 0
+                    while len(steps) > 2 * UPLOAD_AHEAD_CHUNKS:
+                        await steps.popleft()
+            if pending:
+                data = b"".join(pending)
+                steps.append(loop.run_in_executor(hasher, writer.hash, data))
+                steps.append(loop.run_in_executor(storer, writer.store, data))
+            while steps:
+                await steps.popleft()
         except ClientDisconnect:
             raise InvalidArgument(
-                f"the upload was cut short after {writer.size + pending_size} bytes; "
+                f"the upload was cut short after {received + pending_size} bytes; "
                 "nothing was stored"
             ) from None
-        if pending:
-            await run_in_threadpool(writer.write, b"".join(pending))
-        if declared is not None and declared.isdigit() and int(declared) != writer.size:
-            raise InvalidArgument(
-                f"the upload has {writer.size} bytes, not the {declared} it declared"
-            )
-        blob = await run_in_threadpool(writer.commit, digest)
-        return blob.digest, blob.size
-    finally:
-        await run_in_threadpool(writer.abort)
+        finally:
+            await asyncio.gather(*steps, return_exceptions=True)
+    if declared is not None and declared.isdigit() and int(declared) != writer.size:
+        raise InvalidArgument(f"the upload has {writer.size} bytes, not the {declared} it declared")
+    return writer.size
 
 
 def _check_archive(blobs: BlobStore, digest: str) -> None:

@@ -84,11 +84,14 @@ class Authenticator:
         if model is not None and not who.may_see(model):
             raise PermissionDenied(f"token '{who.name}' is not allowed model '{model}'")
 
-    def check_write(self, who: Principal, model: str) -> None:
+    def check_write_scope(self, who: Principal) -> None:
         if who.scope is None:
             raise Unauthenticated("writes need a bearer token")
         if who.scope != "write":
             raise PermissionDenied(f"token '{who.name}' has read scope; this is a write")
+
+    def check_write(self, who: Principal, model: str) -> None:
+        self.check_write_scope(who)
         if not who.may_see(model):
             raise PermissionDenied(f"token '{who.name}' is not allowed model '{model}'")
 

@@ -58,7 +58,15 @@ class BlobWriter(ABC):
         self.size = 0
 
     def write(self, data: bytes) -> None:
+        self.hash(data)
+        self.store(data)
+
+    # The two halves of a write, for a caller that runs them on two threads at once (each
+    # half in order): hashlib and file writes both let go of the GIL.
+    def hash(self, data: bytes) -> None:
         self._hash.update(data)
+
+    def store(self, data: bytes) -> None:
         self._write(data)
         self.size += len(data)
 

@@ -160,6 +160,14 @@ class Resolved(BaseModel):
     variant: VariantOut
 
 
+class UploadOut(BaseModel):
+    """Bytes kept aside by /uploads: name them with a variant upload's `upload` parameter."""
+
+    upload: str
+    digest: str
+    size: int
+
+
 class EventOut(BaseModel):
     id: int
     at: datetime
