@@ -208,7 +208,7 @@ class Follower:
                 await asyncio.to_thread(
                     write_model, resolved, artifact, self.models_dir, pin_version=True
                 )
-                artifact.unlink(missing_ok=True)
+
                 await self.repository.load(target.model)
             except KapiError as exc:
                 if current is not None:  # serve on what served, and say why

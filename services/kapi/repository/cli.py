@@ -212,7 +212,7 @@ def _pull(args: argparse.Namespace) -> None:
         downloads = args.directory / ".kapi-downloads"
         artifact = fetch(client, resolved, downloads)
         model_dir = write_model(resolved, artifact, args.directory, pin_version=False)
-        artifact.unlink()
+
         downloads.rmdir()
     variant = resolved.variant
     _print(

@@ -3,12 +3,11 @@ and nodes that follow the repository all write models this way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 from kapi.core.errors import NotFound
 from kapi.repository import entities as ent
-from kapi.repository.blobs import CHUNK, hex_of
+from kapi.repository.blobs import hex_of
 from kapi.repository.client import RepositoryClient, sha256_file
 from kapi.repository.layout import config_pbtxt, inside, write_config, write_version
 
@@ -36,11 +35,12 @@ def fetch(client: RepositoryClient, resolved: ent.Resolved, cache: Path) -> Path
 
 
 def write_model(resolved: ent.Resolved, artifact: Path, root: Path, *, pin_version: bool) -> Path:
-    """Write one version of a model into a Triton-layout root from its artifact file; with
-    `pin_version`, config.pbtxt serves that version alone (else Triton's default, latest)."""
+    """Write one version of a model into a Triton-layout root from its artifact file, which
+    it takes (renamed into place, or removed once extracted); with `pin_version`,
+    config.pbtxt serves that version alone (else Triton's default, the latest)."""
     model_dir = inside(root, resolved.model.name)
     number = resolved.version.number
-    write_version(model_dir, number, resolved.variant, _chunks(artifact))
+    write_version(model_dir, number, resolved.variant, artifact, move=True)
     version = number if pin_version else None
     write_config(model_dir, config_pbtxt(resolved.model, resolved.variant, version))
     return model_dir
@@ -63,15 +63,9 @@ def export(
         cache = root / ".kapi-downloads"
         artifact = fetch(client, resolved, cache)
         write_model(resolved, artifact, root, pin_version=False)
-        artifact.unlink()
+
         written.append(resolved)
     if not written:
         raise NotFound(f"no model has the alias '{alias}'")
     (root / ".kapi-downloads").rmdir()
     return written
-
-
-def _chunks(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK):
-            yield chunk

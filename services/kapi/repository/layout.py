@@ -13,7 +13,6 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from kapi.core.errors import InvalidArgument
@@ -73,23 +72,28 @@ def check_member(member: tarfile.TarInfo) -> None:
 
 
 def write_version(
-    model_dir: Path, version: int, variant: ent.VariantOut, chunks: Iterable[bytes]
+    model_dir: Path, version: int, variant: ent.VariantOut, artifact: Path, *, move: bool = False
 ) -> Path:
-    """Write `model_dir/<version>/` from an artifact's bytes; replaces what was there."""
+    """Write `model_dir/<version>/` from an artifact's file, replacing what was there. With
+    `move`, a one-file artifact is renamed into place rather than copied (and a tar is
+    removed once extracted)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{version}-"))
     try:
         if variant.format == "tar":
-            archive = staging / ".artifact.tar"
-            _write_file(archive, chunks)
-            with tarfile.open(archive) as tar:
+            with tarfile.open(artifact) as tar:
                 members = tar.getmembers()
                 for member in members:
                     check_member(member)
                 tar.extractall(staging, members=members, filter="data")
-            archive.unlink()
+            if move:
+                artifact.unlink()
         else:
-            _write_file(staging / ent.check_filename(variant.filename), chunks)
+            target = staging / ent.check_filename(variant.filename)
+            if move:
+                os.replace(artifact, target)
+            else:
+                shutil.copyfile(artifact, target)
         target = model_dir / str(version)
         if target.exists():
             shutil.rmtree(target)
@@ -115,11 +119,3 @@ def inside(root: Path, name: str) -> Path:
     if target.parent != root.resolve():
         raise InvalidArgument(f"model directory {target} is not inside {root}")
     return target
-
-
-def _write_file(path: Path, chunks: Iterable[bytes]) -> None:
-    with path.open("wb") as file:
-        for chunk in chunks:
-            file.write(chunk)
-        file.flush()
-        os.fsync(file.fileno())

@@ -112,22 +112,36 @@ def test_archive_members_that_leave_the_version_directory_are_refused(
 
 
 def test_a_bad_archive_writes_nothing(tmp_path: Path) -> None:
-    artifact = tar_of(member("model.xml"), member("../escape.bin"))
+    artifact = tmp_path / "artifact.tar"
+    artifact.write_bytes(tar_of(member("model.xml"), member("../escape.bin")))
     with pytest.raises(InvalidArgument, match=r"escape\.bin"):
-        write_version(tmp_path / "digits", 1, variant("openvino", "tar"), [artifact])
+        write_version(tmp_path / "digits", 1, variant("openvino", "tar"), artifact, move=True)
     assert not (tmp_path / "escape.bin").exists()
     assert list((tmp_path / "digits").iterdir()) == []
 
 
 def test_an_archive_becomes_the_version_directory(tmp_path: Path) -> None:
-    artifact = tar_of(member("model.xml"), member("weights/model.bin"))
-    written = write_version(tmp_path / "digits", 2, variant("openvino", "tar"), [artifact])
+    artifact = tmp_path / "artifact.tar"
+    artifact.write_bytes(tar_of(member("model.xml"), member("weights/model.bin")))
+    written = write_version(tmp_path / "digits", 2, variant("openvino", "tar"), artifact, move=True)
+    assert not artifact.exists()
     assert written == tmp_path / "digits" / "2"
     assert sorted(str(p.relative_to(written)) for p in written.rglob("*")) == [
         "model.xml",
         "weights",
         "weights/model.bin",
     ]
+
+
+def test_a_file_artifact_is_moved_or_copied_into_place(tmp_path: Path) -> None:
+    artifact = tmp_path / "blob"
+    artifact.write_bytes(b"onnx")
+    copied = write_version(tmp_path / "digits", 1, variant(), artifact)
+    assert (copied / "model.onnx").read_bytes() == b"onnx"
+    assert artifact.exists()
+    moved = write_version(tmp_path / "digits", 2, variant(), artifact, move=True)
+    assert (moved / "model.onnx").read_bytes() == b"onnx"
+    assert not artifact.exists()
 
 
 @pytest.mark.parametrize("name", ["..", "../other", "a/b", "UPPER", ""])
