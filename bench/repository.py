@@ -16,10 +16,9 @@ their data, cache and every file of the bench in one temporary directory (one di
   the clock starts just before set_alias is called and stops when a client polling the node
   every 5 ms over gRPC gets its first answer from the new version. The node's log and cache
   split that time: notice (the call, set_alias's own time included, until the node logs
-  `switching model`: the watch stream's event and a resolve), download (until
-  the download, digest checked, takes its name in the cache), write (until the version's
-  directory is in the cache's model layout) and load (until the first new answer), each
-  mark seen to within one poll. Every round moves both models, alternating which first.
+  `switching model`: the watch stream's event and a resolve), then download, write and
+  load as the node logs them with `model switched`. Every round moves both models,
+  alternating which first.
 
 Prints min / median / max over the rounds against the goals (upload and download at least
 0.5x the copy in the median round; every move of the small model under 2 s, of the large
@@ -56,7 +55,6 @@ import numpy as np
 import onnx
 import tritonclient.grpc as grpcclient
 from kapi.repository import entities as ent
-from kapi.repository.blobs import hex_of
 from kapi.repository.client import RepositoryClient
 from nodebench.process import HOST, ServerCommand, free_ports, serving
 from onnx import TensorProto, helper, numpy_helper
@@ -391,8 +389,7 @@ def _timed_download(client: RepositoryClient, number: int, target: Path) -> floa
 
 
 class Prober(threading.Thread):
-    """Asks the node every POLL_S until the new version answers; notes when each of the
-    `marks` (paths in the node's cache) first shows."""
+    """Asks the node every POLL_S until the new version answers."""
 
     def __init__(
         self,
@@ -400,12 +397,9 @@ class Prober(threading.Thread):
         models: Models,
         name: str,
         number: int,
-        marks: dict[str, Path],
     ) -> None:
         super().__init__(name=f"probe-{name}", daemon=True)
         self.triton, self.models, self.model, self.number = triton, models, name, number
-        self.marks = marks
-        self.seen: dict[str, float] = {}
         self.stop = threading.Event()
         self.answered = threading.Event()
         self.answered_at: float | None = None
@@ -421,9 +415,6 @@ class Prober(threading.Thread):
             self.answered.set()
 
     def _poll(self) -> bool:
-        for mark, path in self.marks.items():
-            if mark not in self.seen and path.exists():
-                self.seen[mark] = time.perf_counter()
         self.polls += 1
         try:
             answered, constant = _infer(self.triton, self.models, self.model)
@@ -446,15 +437,11 @@ def _move(
     root: Path,
     name: str,
 ) -> Move:
-    number, digest = _push(client, models, name)
+    number, _ = _push(client, models, name)
     time.sleep(SETTLE_S)
-    cache, log_path = root / "cache", root / "logs" / "node.log"
+    log_path = root / "logs" / "node.log"
     log_offset = log_path.stat().st_size
-    marks = {  # the download's file takes its digest's name once checked; then it is copied
-        "downloaded": cache / "blobs" / hex_of(digest),
-        "written": cache / "models" / name / str(number),
-    }
-    prober = Prober(triton, models, name, number, marks)
+    prober = Prober(triton, models, name, number)
     prober.start()
     try:
         wall, clock = time.time(), time.perf_counter()
@@ -470,16 +457,16 @@ def _move(
     total_s = prober.answered_at - clock
     switching = _switching_at(log_path, log_offset, name, number)
     notice_s = None if switching is None else switching - wall
-    downloaded, written = (prober.seen.get(mark) for mark in ("downloaded", "written"))
+    phases = _switched_phases(log_path, log_offset, name, number)
     move = Move(
         model=name,
         version=number,
         total_s=total_s,
         set_alias_s=set_alias_s,
         notice_s=notice_s,
-        download_s=_span(notice_s, None if downloaded is None else downloaded - clock),
-        write_s=_span(downloaded, written),
-        load_s=_span(None if written is None else written - clock, total_s),
+        download_s=phases.get("download_s"),
+        write_s=phases.get("write_s"),
+        load_s=phases.get("load_s"),
         polls=prober.polls,
         failures=prober.failures,
     )
@@ -502,6 +489,20 @@ def _switching_at(log_path: Path, offset: int, name: str, number: int) -> float 
         if "switching model" in line and marks <= set(line.split()):
             return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return None
+
+
+def _switched_phases(log_path: Path, offset: int, name: str, number: int) -> dict[str, float]:
+    """The phases the node logged with `model switched` for `name` version `number`."""
+    with log_path.open("rb") as file:
+        file.seek(offset)
+        lines = file.read().decode(errors="replace").splitlines()
+    marks = {f"target={name}@{ALIAS}", f"version={number}"}
+    for line in lines:
+        fields = set(line.split())
+        if "model switched" in line and marks <= fields:
+            pairs = (field.partition("=") for field in fields)
+            return {k: float(v) for k, _, v in pairs if k.endswith("_s") and v}
+    return {}
 
 
 def _phases(move: Move) -> str:

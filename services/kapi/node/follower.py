@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,14 +203,22 @@ class Follower:
                 extra={"target": str(target), "version": number, "variant": key},
             )
             model_dir = self.models_dir / target.model
+            clock = [time.perf_counter()]  # each phase's end, for the log
+
+            def lap() -> float:
+                clock.append(time.perf_counter())
+                return round(clock[-1] - clock[-2], 4)
+
             try:
                 blobs = self.cache / "blobs"
                 artifact = await asyncio.to_thread(fetch, self.client, resolved, blobs)
+                phases = {"download_s": lap()}
                 await asyncio.to_thread(
                     write_model, resolved, artifact, self.models_dir, pin_version=True
                 )
-
+                phases["write_s"] = lap()
                 await self.repository.load(target.model)
+                phases["load_s"] = lap()
             except KapiError as exc:
                 if current is not None:  # serve on what served, and say why
                     write_config(model_dir, current.config)
@@ -226,7 +235,7 @@ class Follower:
             self.updates.labels(target.model, "switched").inc()
             self.version.labels(target.model).set(number)
             self.repository.note(target.model, "")
-            log.info("model switched", extra={"target": str(target), "version": number})
+            log.info("model switched", extra={"target": str(target), "version": number, **phases})
             if current is not None and current.version != number:
                 shutil.rmtree(model_dir / str(current.version), ignore_errors=True)
 
