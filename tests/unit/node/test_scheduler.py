@@ -15,6 +15,7 @@ import pytest
 from google.protobuf import text_format
 from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InternalError, InvalidArgument, Unavailable
+from kapi.node import scheduler as scheduler_module
 from kapi.node.runtimes import Arrays, ModelFiles, Runtime, TensorSpec
 from kapi.node.scheduler import DynamicBatcher, InlineScheduler, Job, Scheduler
 from kapi.node.stats import ModelStats, NodeMetrics
@@ -701,15 +702,39 @@ async def test_a_request_that_times_out_while_its_batch_forms_is_rejected() -> N
 
 
 class ThreadRecordingRuntime(RecordingRuntime):
-    def __init__(self, seconds: float = 0.0) -> None:
+    """Records the thread each execution runs on. With a clock, an execution of `seconds`
+    moves that clock on instead of sleeping, so that its measured duration is exact."""
+
+    def __init__(self, seconds: float = 0.0, clock: FakeClock | None = None) -> None:
         super().__init__()
         self.threads: list[str] = []
         self.seconds = seconds
+        self.clock = clock
 
     def infer(self, inputs: Arrays, outputs: list[str]) -> Arrays:
         self.threads.append(threading.current_thread().name)
-        time.sleep(self.seconds)
+        if self.clock is not None:
+            self.clock.ns += int(self.seconds * 1e9)
+        else:
+            time.sleep(self.seconds)
         return super().infer(inputs, outputs)
+
+
+class FakeClock:
+    """time.perf_counter_ns as the scheduler reads it, moved on by the runtime alone."""
+
+    def __init__(self) -> None:
+        self.ns = time.perf_counter_ns()
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(scheduler_module.time, "perf_counter_ns", fake)
+    return fake
 
 
 async def test_a_quick_model_runs_on_the_event_loop() -> None:
@@ -723,9 +748,10 @@ async def test_a_quick_model_runs_on_the_event_loop() -> None:
     assert model_stats.execution_count == 1
 
 
-async def test_a_model_slower_than_expected_goes_back_to_its_threads() -> None:
-    """Executions of 5 ms: the moving average passes SLOW_INLINE_NS on the third."""
-    runtime = ThreadRecordingRuntime(seconds=0.005)
+async def test_a_model_slower_than_expected_goes_back_to_its_threads(clock: FakeClock) -> None:
+    """Executions of 5 ms: the moving average passes SLOW_INLINE_NS on the third (a clock of
+    its own: a real 5 ms sleep that took 5.5 ms on a loaded machine passed it on the second)."""
+    runtime = ThreadRecordingRuntime(seconds=0.005, clock=clock)
     async with serving(InlineScheduler("m", runtime, new_stats())) as scheduler:
         for _ in range(4):
             await results(start(scheduler, [job(1)]))
@@ -735,9 +761,9 @@ async def test_a_model_slower_than_expected_goes_back_to_its_threads() -> None:
     assert not scheduler.inline
 
 
-async def test_one_slow_execution_keeps_a_quick_model_on_the_loop() -> None:
+async def test_one_slow_execution_keeps_a_quick_model_on_the_loop(clock: FakeClock) -> None:
     """An execution the OS preempted is no reason to leave the loop."""
-    runtime = ThreadRecordingRuntime(seconds=0.005)
+    runtime = ThreadRecordingRuntime(seconds=0.005, clock=clock)
     async with serving(InlineScheduler("m", runtime, new_stats())) as scheduler:
         await results(start(scheduler, [job(1)]))
         runtime.seconds = 0.0
