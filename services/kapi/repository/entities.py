@@ -52,7 +52,8 @@ class Strict(BaseModel):
 
 
 class TensorSpec(Strict):
-    name: Annotated[str, Field(min_length=1, max_length=255)]
+    # What ONNX exporters and Triton configs name tensors ("input.1", "onnx::Gemm_0").
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/\-]{1,255}$")]
     datatype: Literal[DATATYPES]  # type: ignore[valid-type]
     shape: list[Annotated[int, Field(ge=-1)]]  # -1: a dynamic dimension
 

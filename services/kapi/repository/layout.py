@@ -15,6 +15,9 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from google.protobuf import text_format
+
+from kapi.core._generated.inference import model_config_pb2 as mc
 from kapi.core.errors import InvalidArgument
 from kapi.repository import entities as ent
 
@@ -29,32 +32,37 @@ PLATFORMS = {
 def config_pbtxt(model: ent.ModelOut, variant: ent.VariantOut, version: int | None = None) -> str:
     """The Triton model configuration of one variant: its platform, and the model's
     signature when it has one (without, Triton and kapi complete it from the model file).
-    With `version`, a policy that serves that version alone."""
-    lines = [f'name: "{model.name}"', f'platform: "{PLATFORMS[variant.runtime]}"']
+    With `version`, a policy that serves that version alone. Built as the protobuf and
+    printed by protobuf, so that no name can write fields of its own into it."""
+    config = mc.ModelConfig(name=model.name, platform=PLATFORMS[variant.runtime])
     if variant.format == "file" and variant.filename != ent.DEFAULT_FILENAME[variant.runtime]:
-        lines.append(f'default_model_filename: "{variant.filename}"')
+        config.default_model_filename = variant.filename
     signature = model.signature
     if signature is not None:
-        lines.append(f"max_batch_size: {signature.max_batch_size}")
+        config.max_batch_size = signature.max_batch_size
         batched = signature.max_batch_size > 0
-        for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
-            items = []
-            for spec in specs:
-                dims = spec.shape[1:] if batched else spec.shape
-                items.append(
-                    f'  {{ name: "{spec.name}", data_type: TYPE_{_type(spec.datatype)}, '
-                    f"dims: [{', '.join(map(str, dims))}] }}"
-                )
-            lines.append(f"{kind} [\n" + ",\n".join(items) + "\n]")
+        for spec in signature.inputs:
+            config.input.add(
+                name=spec.name,
+                data_type=_type(spec.datatype),
+                dims=spec.shape[1:] if batched else spec.shape,
+            )
+        for spec in signature.outputs:
+            config.output.add(
+                name=spec.name,
+                data_type=_type(spec.datatype),
+                dims=spec.shape[1:] if batched else spec.shape,
+            )
         if batched:
-            lines.append("dynamic_batching { }")
+            config.dynamic_batching.SetInParent()
     if version is not None:
-        lines.append(f"version_policy: {{ specific: {{ versions: [{version}] }} }}")
-    return "\n".join(lines) + "\n"
+        config.version_policy.specific.versions.append(version)
+    return text_format.MessageToString(config)
 
 
-def _type(datatype: str) -> str:
-    return "STRING" if datatype == "BYTES" else datatype
+def _type(datatype: str) -> int:
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    return int(mc.DataType.Value(name))
 
 
 def check_member(member: tarfile.TarInfo) -> None:

@@ -149,3 +149,26 @@ def test_export_targets_stay_inside_the_export_directory(tmp_path: Path, name: s
     with pytest.raises(InvalidArgument):
         inside(tmp_path, name)
     assert inside(tmp_path, "digits") == (tmp_path / "digits").resolve()
+
+
+def test_a_tensor_name_cannot_write_fields_of_its_own_into_the_config() -> None:
+    """A name is data: quotes and braces in it stay inside its string."""
+    sneaky = 'x", data_type: TYPE_FP32, dims: [4] } ] backend: "python" input [ { name: "z'
+    signature = ent.Signature.model_construct(
+        inputs=[ent.TensorSpec.model_construct(name=sneaky, datatype="FP32", shape=[4])],
+        outputs=[
+            ent.TensorSpec.model_construct(name="y\nbackend: 'python'", datatype="FP32", shape=[4])
+        ],
+        max_batch_size=0,
+    )
+    text = config_pbtxt(model(None).model_copy(update={"signature": signature}), variant())
+    config = text_format.Parse(text, mc.ModelConfig())
+    assert config.backend == ""
+    assert [i.name for i in config.input] == [sneaky]
+    assert [o.name for o in config.output] == ["y\nbackend: 'python'"]
+
+
+@pytest.mark.parametrize("name", ['a"b', "a b", "a\nb", "", "x" * 256])
+def test_a_signature_refuses_tensor_names_that_are_no_names(name: str) -> None:
+    with pytest.raises(ValueError, match="name"):
+        ent.TensorSpec(name=name, datatype="FP32", shape=[1])
