@@ -193,3 +193,70 @@ def test_a_node_with_nothing_cached_and_no_repository_is_not_ready(
     index = httpx.post(f"{node.http_url}/v2/repository/index", timeout=5).json()
     assert index[0]["state"] == "UNAVAILABLE"
     assert "nothing is cached" in index[0]["reason"]
+
+
+def index_of(node: RunningNode) -> dict[str, dict[str, str]]:
+    rows = httpx.post(f"{node.http_url}/v2/repository/index", timeout=5).json()
+    return {row["name"]: row for row in rows}
+
+
+def test_a_failure_outside_the_protocol_is_said_and_the_node_follows_on(
+    tmp_path: Path, client: RepositoryClient, start_kapi_node: NodeFactory
+) -> None:
+    """The cache cannot hold one model (its directory is a file): that model fails with
+    the reason, and the node goes on following the other."""
+    for model in ("addone", "blocked"):
+        push(client, tmp_path, model, added(1.0))
+        client.set_alias(model, "production", 1, force=True)
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "blocked").write_text("in the way")
+    node = start_kapi_node(
+        None,
+        args=["--repository", client.url, "--serve", "addone@production,blocked@production",
+              "--cache-dir", str(tmp_path / "cache"), "--strict-readiness", "false"],
+    )  # fmt: skip
+    wait_until(lambda: "failed to load" in index_of(node)["blocked"]["reason"], "the reason")
+    assert index_of(node)["blocked"]["state"] == "UNAVAILABLE"
+    push(client, tmp_path, "addone", added(2.0))
+    client.set_alias("addone", "production", 2, force=True)
+    triton = grpcclient.InferenceServerClient(node.grpc_url)
+    wait_until(lambda: infer(triton, "addone") == ("2", 2.0), "the node to follow addone")
+    assert "Traceback" not in node.log().split("model update failed")[0]
+
+
+def test_a_better_variant_of_the_serving_version_that_fails_keeps_the_old_files(
+    tmp_path: Path,
+    repository: RunningRepository,
+    client: RepositoryClient,
+    start_kapi_node: NodeFactory,
+) -> None:
+    """A variant of version 1 that ranks higher here (AVX2) but does not load: version 1
+    serves on from the files it had, after a restart too."""
+    push(client, tmp_path, "addone", added(1.0))
+    client.set_alias("addone", "production", 1, force=True)
+    node = follow(start_kapi_node, tmp_path, client.url, "addone@production")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    client.upload("addone", 1, ("onnxruntime", "fp32", "cpu-x86_64-avx2"), broken)
+    wait_until(lambda: "failed to load" in index_of(node)["addone"]["reason"], "the failure")
+    triton = grpcclient.InferenceServerClient(node.grpc_url)
+    assert infer(triton, "addone") == ("1", 1.0)
+    node.terminate()
+
+    restarted = follow(start_kapi_node, tmp_path, client.url, "addone@production")
+    triton = grpcclient.InferenceServerClient(restarted.grpc_url)
+    assert infer(triton, "addone") == ("1", 1.0)  # it tried the broken one again, and kept this
+    restarted.terminate()
+    repository.kill()
+    offline = follow(start_kapi_node, tmp_path, client.url, "addone@production")
+    triton = grpcclient.InferenceServerClient(offline.grpc_url)
+    assert infer(triton, "addone") == ("1", 1.0)
+
+
+def test_an_alias_that_is_not_there_is_the_reason(
+    tmp_path: Path, client: RepositoryClient, start_kapi_node: NodeFactory
+) -> None:
+    push(client, tmp_path, "addone", added(1.0))
+    node = follow(start_kapi_node, tmp_path, client.url, "addone@staging", wait_for="live")
+    wait_until(lambda: "addone" in index_of(node), "the model in the index")
+    assert "has no alias 'staging'" in index_of(node)["addone"]["reason"]

@@ -789,8 +789,10 @@ def test_a_tar_variant_uploads(api: httpx.Client) -> None:
         (file_member("sub/../../evil", b"x"), "the archive member 'sub/../../evil' points"),
         (file_member("/etc/x", b"x"), "the archive member '/etc/x' points outside"),
         (symlink_member("link", "/etc/passwd"), "the archive member 'link' is not a regular"),
+        (file_member("model.xml/x", b"x"), "the archive member 'model.xml/x' is under a file"),
+        (file_member("model.xml", b"x"), "the archive member 'model.xml' is there twice"),
     ],
-    ids=["dot-dot", "nested-dot-dot", "absolute", "symlink"],
+    ids=["dot-dot", "nested-dot-dot", "absolute", "symlink", "under-a-file", "twice"],
 )
 def test_a_tar_with_an_unsafe_member_is_refused(
     repository: RunningRepository,

@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -105,6 +106,7 @@ class Follower:
         # What failed to load, by target: not tried again until the target resolves to
         # something else (an event replayed, or a reconnect, would retry it in a loop).
         self.failed: dict[Target, tuple[int, str]] = {}
+        self.reasons: dict[Target, str] = {}  # the last failure of each, until a switch
         self.cursor: int | None = None  # None: not known yet (the repository was down)
         self._state = cache / "state.json"
         self._locks = {t: asyncio.Lock() for t in targets}
@@ -157,7 +159,9 @@ class Follower:
                         for target in self.targets:
                             if target.model == event["model"]:
                                 await self.sync(target)
-            except (httpx.HTTPError, KapiError, ValueError) as exc:
+            except Exception as exc:  # the stream, the repository, or a bug: follow on
+                if not isinstance(exc, httpx.HTTPError | KapiError | ValueError):
+                    log.exception("watch stream failed")
                 failures += 1
                 delay = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2**failures) * random.uniform(0.5, 1)
                 log.warning(
@@ -171,95 +175,125 @@ class Follower:
                 await self.sync(target)
 
     async def sync(self, target: Target) -> None:
-        """Serve what the target resolves to now; a failure keeps what serves."""
+        """Serve what the target resolves to now; a failure keeps what serves. Nothing that
+        goes wrong here escapes it: each failure is logged, counted and shown in the index."""
         async with self._locks[target]:
             try:
-                resolved = await asyncio.to_thread(
-                    self.client.resolve, target.model, target.ref, self.profiles, self.runtimes
-                )
-            except Unavailable:
+                await self._sync(target)
+            except Exception as exc:  # a bug, or the disk: said, and the node follows on
+                log.exception("model update failed", extra={"target": str(target)})
+                self._failed(target, f"{target}: {_words(exc)}")
                 await self._load_cached_one(target)
-                return
-            except KapiError as exc:
-                self._failed(target, f"{target} cannot be resolved: {exc.message}")
-                await self._load_cached_one(target)
-                return
-            variant = resolved.variant
-            current = self.serving.get(target)
-            wanted = (resolved.version.number, variant.digest)
-            if self.failed.get(target) == wanted:
-                return
-            if (
-                current is not None
-                and current.digest == variant.digest
-                and current.version == resolved.version.number
-                and self.repository.is_ready(target.model)
-            ):
-                return
-            key = f"{variant.runtime}/{variant.precision}/{variant.profile}"
-            number = resolved.version.number
-            log.info(
-                "switching model",
-                extra={"target": str(target), "version": number, "variant": key},
+
+    async def _sync(self, target: Target) -> None:
+        try:
+            resolved = await asyncio.to_thread(
+                self.client.resolve, target.model, target.ref, self.profiles, self.runtimes
             )
-            model_dir = self.models_dir / target.model
-            clock = [time.perf_counter()]  # each phase's end, for the log
+        except Unavailable:
+            await self._load_cached_one(target)
+            return
+        except KapiError as exc:
+            reason = f"{target} cannot be resolved: {exc.message}"
+            self._failed(target, reason)
+            await self._load_cached_one(target, reason)
+            return
+        variant = resolved.variant
+        number = resolved.version.number
+        current = self.serving.get(target)
+        wanted = (number, variant.digest)
+        if self.failed.get(target) == wanted:
+            return
+        if current is not None and (current.version, current.digest) == wanted:
+            await self._load_cached_one(target)
+            return
+        key = f"{variant.runtime}/{variant.precision}/{variant.profile}"
+        log.info(
+            "switching model", extra={"target": str(target), "version": number, "variant": key}
+        )
+        clock = [time.perf_counter()]  # each phase's end, for the log
 
-            def lap() -> float:
-                clock.append(time.perf_counter())
-                return round(clock[-1] - clock[-2], 4)
+        def lap() -> float:
+            clock.append(time.perf_counter())
+            return round(clock[-1] - clock[-2], 4)
 
-            try:
-                blobs = self.cache / "blobs"
-                artifact = await asyncio.to_thread(fetch, self.client, resolved, blobs)
-                phases = {"download_s": lap()}
-                await asyncio.to_thread(
-                    write_model, resolved, artifact, self.models_dir, pin_version=True
-                )
-                phases["write_s"] = lap()
-                await self.repository.load(target.model)
-                phases["load_s"] = lap()
-            except KapiError as exc:
-                if current is not None:  # serve on what served, and say why
-                    write_config(model_dir, current.config)
-                    if current.version != number:
-                        shutil.rmtree(model_dir / str(number), ignore_errors=True)
-                if not isinstance(exc, Unavailable):  # the artifact itself failed
-                    self.failed[target] = wanted
-                self._failed(target, f"version {number} ({key}) failed to load: {exc.message}")
-                return
-            config = config_pbtxt(resolved.model, variant, number)
-            self.serving[target] = Serving(number, variant.digest, key, config)
-            self.failed.pop(target, None)
-            self._write_state()
-            self.updates.labels(target.model, "switched").inc()
-            self.version.labels(target.model).set(number)
-            self.repository.note(target.model, "")
-            log.info("model switched", extra={"target": str(target), "version": number, **phases})
-            if current is not None and current.version != number:
-                shutil.rmtree(model_dir / str(current.version), ignore_errors=True)
+        try:
+            artifact = await asyncio.to_thread(fetch, self.client, resolved, self.cache / "blobs")
+        except KapiError as exc:  # the repository went away, or the bytes came in wrong
+            self._failed(target, f"version {number} ({key}) could not be downloaded: {exc.message}")
+            await self._load_cached_one(target)
+            return
+        phases = {"download_s": lap()}
+        model_dir = self.models_dir / target.model
+        live = model_dir / str(number)
+        # Another artifact of the version that serves: the one that serves is kept aside
+        # until the new one has loaded, and comes back if it does not.
+        kept = model_dir / f".{number}-serving"
+        if current is not None and current.version == number and live.is_dir():
+            shutil.rmtree(kept, ignore_errors=True)
+            os.replace(live, kept)
+        try:
+            await asyncio.to_thread(
+                write_model, resolved, artifact, self.models_dir, pin_version=True
+            )
+            phases["write_s"] = lap()
+            await self.repository.load(target.model)
+            phases["load_s"] = lap()
+        except Exception as exc:  # the artifact itself failed: to write, or to load
+            artifact.unlink(missing_ok=True)
+            shutil.rmtree(live, ignore_errors=True)
+            if kept.is_dir():
+                os.replace(kept, live)
+            if current is not None:
+                write_config(model_dir, current.config)
+            self.failed[target] = wanted
+            self._failed(target, f"version {number} ({key}) failed to load: {_words(exc)}")
+            await self._load_cached_one(target)
+            return
+        shutil.rmtree(kept, ignore_errors=True)
+        config = config_pbtxt(resolved.model, variant, number)
+        self.serving[target] = Serving(number, variant.digest, key, config)
+        self.failed.pop(target, None)
+        self.reasons.pop(target, None)
+        self._write_state()
+        self.updates.labels(target.model, "switched").inc()
+        self.version.labels(target.model).set(number)
+        self.repository.note(target.model, "")
+        log.info("model switched", extra={"target": str(target), "version": number, **phases})
+        if current is not None and current.version != number:
+            shutil.rmtree(model_dir / str(current.version), ignore_errors=True)
 
     def _failed(self, target: Target, reason: str) -> None:
+        """Say why, in the log, the metrics and the index: beside what serves, or as the
+        reason nothing does."""
         log.error("model update failed", extra={"target": str(target), "reason": reason})
         self.updates.labels(target.model, "failed").inc()
-        self.repository.note(target.model, reason)
+        self.reasons[target] = reason
+        if self.repository.is_ready(target.model):
+            self.repository.note(target.model, reason)
+        else:
+            self.repository.record_failure(target.model, reason)
 
     async def _load_cached(self) -> None:
         for target in self.targets:
             await self._load_cached_one(target)
 
-    async def _load_cached_one(self, target: Target) -> None:
-        """Serve the cached version of a target when nothing serves it yet."""
+    async def _load_cached_one(self, target: Target, reason: str | None = None) -> None:
+        """Serve the cached version of a target when nothing serves it yet: the version the
+        state file names, with the config it served with."""
         if self.repository.is_ready(target.model):
             return
-        if target not in self.serving:
+        serving = self.serving.get(target)
+        if serving is None:
+            unreachable = f"{target}: the repository is unreachable and nothing is cached"
             self.repository.record_failure(
-                target.model, f"{target}: the repository is unreachable and nothing is cached"
+                target.model, reason or self.reasons.get(target) or unreachable
             )
             return
+        write_config(self.models_dir / target.model, serving.config)
         with contextlib.suppress(KapiError):  # logged by the load; the index shows it
             await self.repository.load(target.model)
-            self.version.labels(target.model).set(self.serving[target].version)
+            self.version.labels(target.model).set(serving.version)
 
     def _latest_cursor(self) -> int:
         cursor: int = self.client.cursor()
@@ -308,3 +342,7 @@ class Follower:
         temp = self._state.with_suffix(".tmp")
         temp.write_text(json.dumps(state, indent=2))
         temp.replace(self._state)
+
+
+def _words(error: BaseException) -> str:
+    return error.message if isinstance(error, KapiError) else f"{type(error).__name__}: {error}"

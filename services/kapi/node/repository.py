@@ -133,7 +133,9 @@ class ModelRepository:
     def record_failure(self, name: str, reason: str) -> None:
         """A model the node was asked to load at start that is not there: UNAVAILABLE with
         the reason, so that it shows in the index and counts against strict readiness."""
-        self._models.setdefault(name, ModelEntry(State.UNAVAILABLE, reason))
+        entry = self._models.setdefault(name, ModelEntry(State.UNAVAILABLE, reason))
+        if not entry.versions and entry.state == State.UNAVAILABLE:
+            entry.reason = reason
 
     def _model_dir(self, name: str) -> Path | None:
         """The model's directory, or None for a name that is not in the repository (a

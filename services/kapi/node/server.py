@@ -136,6 +136,7 @@ class NodeServer:
             if self.follower is not None:
                 await self.follower.start()
                 following = asyncio.create_task(self.follower.run())
+                following.add_done_callback(_follower_ended)
             else:
                 await self._load_initial_models()
             if not self._stop.is_set():  # a signal during the loads: straight to the drain
@@ -247,3 +248,9 @@ class NodeServer:
         )
         await self.health.set("", status)
         await self.health.set(SERVICE.full_name, status)
+
+
+def _follower_ended(task: asyncio.Task[None]) -> None:
+    """The follower runs until the node stops; it ending otherwise is a bug, said loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the repository follower stopped", exc_info=task.exception())

@@ -42,7 +42,7 @@ from kapi.core.hardware import is_known_profile
 from kapi.repository import entities as ent
 from kapi.repository.auth import Authenticator, Principal
 from kapi.repository.blobs import CHUNK, BlobStore, BlobWriter, hex_of
-from kapi.repository.layout import check_member, config_pbtxt
+from kapi.repository.layout import ArchivePaths, config_pbtxt
 from kapi.repository.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -445,13 +445,15 @@ async def _receive(request: Request, writer: BlobWriter) -> int:
 
 def _check_archive(blobs: BlobStore, digest: str) -> None:
     """A tar artifact holds regular files and directories only, each inside the version
-    directory: no absolute names, no '..', no links or devices."""
+    directory (no absolute names, no '..', no links or devices), as a tree that extracts:
+    no name twice, nothing under a file's name."""
     reader = _IterReader(blobs.read(digest))
     try:
         with tarfile.open(fileobj=reader, mode="r|*") as archive:  # type: ignore[call-overload]
             count = 0
+            paths = ArchivePaths()
             for member in archive:
-                check_member(member)
+                paths.add(member)
                 count += 1
     except tarfile.TarError as exc:
         raise InvalidArgument(f"the artifact is not a readable tar archive: {exc}") from exc

@@ -79,6 +79,27 @@ def check_member(member: tarfile.TarInfo) -> None:
         )
 
 
+class ArchivePaths:
+    """The members of one archive, checked as they come: each as check_member wants it, and
+    together a tree that can be extracted (no name twice, nothing under a file's name)."""
+
+    def __init__(self) -> None:
+        self._files: set[PurePosixPath] = set()
+        self._dirs: set[PurePosixPath] = set()
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        check_member(member)
+        path = PurePosixPath(member.name)
+        if path in self._files or (member.isfile() and path in self._dirs):
+            raise InvalidArgument(f"the archive member {member.name!r} is there twice")
+        if any(parent in self._files for parent in path.parents):
+            raise InvalidArgument(
+                f"the archive member {member.name!r} is under a file of the same name"
+            )
+        (self._files if member.isfile() else self._dirs).add(path)
+        self._dirs.update(path.parents)
+
+
 def write_version(
     model_dir: Path, version: int, variant: ent.VariantOut, artifact: Path, *, move: bool = False
 ) -> Path:
@@ -91,8 +112,9 @@ def write_version(
         if variant.format == "tar":
             with tarfile.open(artifact) as tar:
                 members = tar.getmembers()
+                paths = ArchivePaths()
                 for member in members:
-                    check_member(member)
+                    paths.add(member)
                 tar.extractall(staging, members=members, filter="data")
             if move:
                 artifact.unlink()
