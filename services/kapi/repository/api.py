@@ -15,7 +15,7 @@ import re
 import secrets
 import tarfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
@@ -73,6 +73,28 @@ def variant_key(runtime: str, precision: str, profile: str) -> tuple[str, str, s
 
 
 Key = Annotated[tuple[str, str, str], Depends(variant_key)]
+
+
+class DigestLocks:
+    """One lock per digest, held from a blob's commit to its variant row, and by a delete
+    from its check that no variant uses the blob to the delete. Within this process: replicas
+    that share a blob store would need a lock they share (a database's advisory lock)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, digest: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(digest, asyncio.Lock())
+        self._holders[digest] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._holders[digest] -= 1
+            if not self._holders[digest]:
+                del self._holders[digest], self._locks[digest]
 
 
 class PendingUploads:
@@ -139,6 +161,7 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
     hub = EventHub()
     store.on_commit.append(hub.notify_threadsafe)
     uploads = PendingUploads()
+    digests = DigestLocks()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -213,11 +236,17 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         return store.get_version(model, number)
 
     @app.delete(PREFIX + "/models/{model}/versions/{number}", status_code=204)
-    def delete_version(who: Who, model: ModelName, number: Number) -> Response:
+    async def delete_version(who: Who, model: ModelName, number: Number) -> Response:
         auth.check_write(who, model)
-        for digest in store.delete_version(who.name, model, number):
-            blobs.delete(digest)
+        for digest in await run_in_threadpool(store.delete_version, who.name, model, number):
+            async with digests.hold(digest):
+                await drop_unused(digest)
         return Response(status_code=204)
+
+    async def drop_unused(digest: str) -> None:
+        """Delete a blob no variant uses; the caller holds the digest."""
+        if not await run_in_threadpool(store.digest_used, digest):
+            await run_in_threadpool(blobs.delete, digest)
 
     @app.put(VARIANT, status_code=201)
     async def upload_variant(
@@ -248,22 +277,24 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         try:
             if upload is None:
                 await _receive(request, writer)
-            blob = await run_in_threadpool(writer.commit, digest)
+            # From its blob being in to its row being written, nothing may delete the blob:
+            # a delete that finds no variant using these bytes waits for this one.
+            async with digests.hold(digest):
+                blob = await run_in_threadpool(writer.commit, digest)
+                try:
+                    if fmt == "tar":
+                        await run_in_threadpool(_check_archive, blobs, blob.digest)
+                    return await run_in_threadpool(
+                        store.add_variant, who.name, model, number, key, blob.digest,
+                        blob.size, fmt, name,
+                    )  # fmt: skip
+                except KapiError:
+                    # Refused once its bytes were in (a bad archive; the variant taken or the
+                    # version deleted meanwhile): drop them, unless a variant uses them.
+                    await drop_unused(blob.digest)
+                    raise
         finally:
             await run_in_threadpool(writer.abort)
-        blob_digest, size = blob.digest, blob.size
-        try:
-            if fmt == "tar":
-                await run_in_threadpool(_check_archive, blobs, blob_digest)
-            return await run_in_threadpool(
-                store.add_variant, who.name, model, number, key, blob_digest, size, fmt, name
-            )
-        except KapiError:
-            # Refused once its bytes were in (a bad archive; the variant taken or the version
-            # deleted meanwhile): drop them, unless a variant uses the same bytes.
-            if not await run_in_threadpool(store.digest_used, blob_digest):
-                await run_in_threadpool(blobs.delete, blob_digest)
-            raise
 
     @app.post(PREFIX + "/uploads", status_code=201)
     async def start_upload(request: Request, who: Who) -> ent.UploadOut:
