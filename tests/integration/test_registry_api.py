@@ -584,8 +584,8 @@ def test_an_unknown_upload_or_a_body_beside_one_is_refused(api: httpx.Client) ->
     both = api.put(variant_path(name, 1, ONNX_CPU), params=params, content=ARTIFACT)
     assert both.status_code == 400
     assert "no body of its own" in error_of(both)
-    kept = named(api, name, ONNX_CPU, body["upload"], digest_of(ARTIFACT))
-    assert kept.status_code == 201  # refusing the request did not drop the upload
+    used = named(api, name, ONNX_CPU, body["upload"], digest_of(ARTIFACT))
+    assert used.status_code == 404  # a refused naming uses the upload up: nothing lingers
 
 
 def test_only_the_token_that_sent_bytes_names_them(
@@ -1379,3 +1379,27 @@ def test_the_openapi_document_and_docs(anonymous: httpx.Client) -> None:
     docs = anonymous.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+def test_uploads_waiting_to_be_named_are_limited_per_token(
+    tmp_path: Path, start_kapi_repository: RepositoryFactory
+) -> None:
+    secured = start_kapi_repository(tmp_path / "data", tokens=TOKENS)
+    with (
+        as_token(secured, WRITER["token"]) as writer,
+        as_token(secured, DIGITS_ONLY["token"]) as other,
+    ):
+        for _ in range(8):
+            sent(writer, ARTIFACT)
+        refused = writer.post("/v1/uploads", content=ARTIFACT)
+        assert refused.status_code == 409
+        assert "has 8 uploads waiting" in error_of(refused)
+        assert other.post("/v1/uploads", content=ARTIFACT).status_code == 201  # not blocked
+
+
+def test_a_filename_for_a_tar_is_refused(api: httpx.Client) -> None:
+    name = model_with_version(api, "tar-filename")
+    archive = tar_of(file_member("model.xml", b"<net/>"))
+    response = upload(api, name, 1, OPENVINO_CPU, archive, fmt="tar", filename="net.xml")
+    assert response.status_code == 400
+    assert "files keep theirs" in error_of(response)

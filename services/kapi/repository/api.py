@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from kapi.core.errors import (
+    Conflict,
     FailedPrecondition,
     InvalidArgument,
     KapiError,
@@ -98,18 +99,23 @@ class DigestLocks:
 
 
 class PendingUploads:
-    """Bytes sent to /uploads, waiting for the variant upload that names them."""
+    """Bytes sent to /uploads, waiting for the variant upload that names them. They live in
+    this process: behind a load balancer, the two requests must reach the same replica."""
 
     TTL_S = 3600.0
-    LIMIT = 64
+    LIMIT = 64  # in all
+    LIMIT_PER_OWNER = 8  # per token, so that one cannot block the others
 
     def __init__(self) -> None:
         self._pending: dict[str, tuple[BlobWriter, str, float]] = {}
 
     def add(self, writer: BlobWriter, owner: str) -> str:
         if len(self._pending) >= self.LIMIT:
-            raise Unavailable(
-                f"{self.LIMIT} uploads wait to be named already; name or abandon some first"
+            raise Unavailable(f"{self.LIMIT} uploads wait to be named already; try again later")
+        if sum(1 for _, who, _ in self._pending.values() if who == owner) >= self.LIMIT_PER_OWNER:
+            raise Conflict(
+                f"token '{owner}' has {self.LIMIT_PER_OWNER} uploads waiting to be named "
+                "already; name them first"
             )
         upload = secrets.token_urlsafe(16)
         self._pending[upload] = (writer, owner, time.monotonic())
@@ -133,6 +139,14 @@ class PendingUploads:
         writers = [writer for writer, _, _ in self._pending.values()]
         self._pending.clear()
         return writers
+
+
+async def _expire(uploads: PendingUploads) -> None:
+    """Drop uploads left unnamed past their time, every minute."""
+    while True:
+        await asyncio.sleep(60)
+        for writer in uploads.expired():
+            await run_in_threadpool(writer.abort)
 
 
 class EventHub:
@@ -166,7 +180,9 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         hub.bind(asyncio.get_running_loop())
+        expiry = asyncio.create_task(_expire(uploads))
         yield
+        expiry.cancel()
         for writer in uploads.drain():
             writer.abort()
 
@@ -263,19 +279,25 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         """Upload an artifact. It is streamed to the blob store and becomes visible only once
         its digest (and its length, when Content-Length is sent) is checked; a variant is
         immutable. `format=tar`: a tar of the version directory's files. With `upload`, the
-        bytes are those sent to /uploads before, and the request has no body."""
+        bytes are those sent to /uploads before, and the request has no body; whatever the
+        answer, the upload is used up."""
         auth.check_write(who, model)
-        hex_of(digest)
-        name = ent.check_filename(filename or ent.DEFAULT_FILENAME[key[0]])
-        await run_in_threadpool(store.check_variant_free, model, number, key)
-        if upload is not None:
-            if request.headers.get("content-length", "0") != "0":
-                raise InvalidArgument("a variant made from an upload has no body of its own")
-            writer = uploads.take(upload, who.name)
-        else:
-            writer = await run_in_threadpool(blobs.writer)
+        writer = uploads.take(upload, who.name) if upload is not None else None
         try:
-            if upload is None:
+            hex_of(digest)
+            if fmt == "tar" and filename is not None:
+                raise InvalidArgument(
+                    "filename names a one-file artifact; a tar's files keep theirs"
+                )
+            name = ent.check_filename(filename or ent.DEFAULT_FILENAME[key[0]])
+            has_body = request.headers.get("content-length", "0") != "0" or (
+                "transfer-encoding" in request.headers
+            )
+            if writer is not None and has_body:
+                raise InvalidArgument("a variant made from an upload has no body of its own")
+            await run_in_threadpool(store.check_variant_free, model, number, key)
+            if writer is None:
+                writer = await run_in_threadpool(blobs.writer)
                 await _receive(request, writer)
             # From its blob being in to its row being written, nothing may delete the blob:
             # a delete that finds no variant using these bytes waits for this one.
@@ -294,7 +316,8 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
                     await drop_unused(blob.digest)
                     raise
         finally:
-            await run_in_threadpool(writer.abort)
+            if writer is not None:
+                await run_in_threadpool(writer.abort)
 
     @app.post(PREFIX + "/uploads", status_code=201)
     async def start_upload(request: Request, who: Who) -> ent.UploadOut:
@@ -303,8 +326,6 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         one, and their digest and size returned. A variant upload with `upload=<id>` and the
         digest the client computed publishes them; unclaimed, they go after an hour."""
         auth.check_write_scope(who)
-        for stale in uploads.expired():
-            await run_in_threadpool(stale.abort)
         writer = await run_in_threadpool(blobs.writer)
         try:
             size = await _receive(request, writer)

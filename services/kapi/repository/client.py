@@ -123,6 +123,15 @@ class RepositoryClient:
         """Upload an artifact in one pass over the file: its bytes go to /uploads while a
         thread hashes them, then the variant names them with that digest, which the
         repository checks against the bytes it got."""
+        try:  # the bytes are worth sending only to a variant that is not there yet
+            self.variant(name, number, key)
+        except errors.NotFound:
+            pass
+        else:
+            raise errors.Conflict(
+                f"model '{name}' version {number} has a variant {'/'.join(key)} already; "
+                "variants are immutable"
+            )
         size = artifact.stat().st_size
         with _Hasher() as hasher, artifact.open("rb") as file:
             sent = self._call(
@@ -137,6 +146,10 @@ class RepositoryClient:
             params["filename"] = filename
         response = self._call("PUT", variant_path(name, number, key), params=params)
         return ent.VariantOut.model_validate(response.json())
+
+    def variant(self, name: str, number: int, key: tuple[str, str, str]) -> ent.VariantOut:
+        body = self._call("GET", variant_path(name, number, key)).json()
+        return ent.VariantOut.model_validate(body)
 
     def set_report(
         self, name: str, number: int, key: tuple[str, str, str], report: dict[str, Any]
