@@ -188,6 +188,20 @@ def test_pull_and_export_write_a_layout_a_node_serves(
         np.testing.assert_allclose(output, row + constant)
 
 
+def test_an_export_after_a_rollback_serves_the_rolled_back_version(
+    repository: RunningRepository, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    env = env_of(repository)
+    push(env, "addone", artifacts["add1"])
+    push(env, "addone", artifacts["add2"])
+    exported = tmp_path / "export"
+    kapi(env, "promote", "addone", "2", "--force")
+    kapi(env, "repository", "export", exported)
+    kapi(env, "promote", "addone", "1", "--force")
+    kapi(env, "repository", "export", exported)
+    assert sorted(p.name for p in (exported / "addone").iterdir()) == ["1", "config.pbtxt"]
+
+
 def test_pull_of_an_unknown_model_is_one_clear_line(repository: RunningRepository) -> None:
     done = kapi(env_of(repository), "pull", "nosuch@production", "/tmp/x", ok=False)
     assert done.returncode == 1

@@ -3,6 +3,7 @@ and nodes that follow the repository all write models this way."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from kapi.core.errors import NotFound
@@ -43,6 +44,10 @@ def write_model(resolved: ent.Resolved, artifact: Path, root: Path, *, pin_versi
     write_version(model_dir, number, resolved.variant, artifact, move=True)
     version = number if pin_version else None
     write_config(model_dir, config_pbtxt(resolved.model, resolved.variant, version))
+    if not pin_version:  # the directory is this version alone: Triton serves the latest there
+        for other in model_dir.iterdir():
+            if other.is_dir() and other.name.isdigit() and other.name != str(number):
+                shutil.rmtree(other)
     return model_dir
 
 
