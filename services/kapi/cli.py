@@ -29,10 +29,7 @@ def _node(args: argparse.Namespace) -> None:
     try:
         settings = NodeSettings(**overrides)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        _fail(f"invalid settings: {problems}")
+        _fail(f"invalid settings: {_problems(exc)}")
     except SettingsError as exc:  # an environment value that does not parse (a list, say)
         _fail(f"invalid settings: {exc} (a list is JSON: KAPI_NODE_LOAD_MODELS='[\"a\"]')")
     configure_logging(settings.log_level, settings.log_format)
@@ -40,6 +37,13 @@ def _node(args: argparse.Namespace) -> None:
         asyncio.run(NodeServer(settings).run())
     except KapiError as exc:  # the node could not start: one line, not a traceback
         _fail(exc.message)
+
+
+def _problems(error: pydantic.ValidationError) -> str:
+    """Where and what, never the value given (it may be a token)."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()
+    )
 
 
 def _fail(message: str) -> NoReturn:
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"kapi {args.command}: error: {exc.message}", file=sys.stderr)
         sys.exit(1)
     except pydantic.ValidationError as exc:
-        print(f"kapi {args.command}: error: {exc}", file=sys.stderr)
+        print(f"kapi {args.command}: error: invalid settings: {_problems(exc)}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
 
 

@@ -872,6 +872,24 @@ def test_a_range_past_the_end_is_not_satisfiable(
     assert response.content == b""
 
 
+def test_a_range_that_ends_before_it_starts_is_ignored(
+    anonymous: httpx.Client, downloadable: str
+) -> None:
+    response = anonymous.get(downloadable, headers={"range": "bytes=5-3"})
+    assert response.status_code == 200
+    assert response.content == ARTIFACT
+
+
+def test_head_tells_the_size_without_the_bytes(anonymous: httpx.Client, downloadable: str) -> None:
+    response = anonymous.head(downloadable)
+    assert response.status_code == 200
+    assert response.headers["content-length"] == str(len(ARTIFACT))
+    assert response.headers["x-kapi-digest"] == digest_of(ARTIFACT)
+    assert response.content == b""
+    ranged = anonymous.head(downloadable, headers={"range": "bytes=10-"})
+    assert (ranged.status_code, ranged.headers["content-length"]) == (206, str(len(ARTIFACT) - 10))
+
+
 def test_the_client_resumes_a_partial_download(
     client: RepositoryClient, api: httpx.Client, tmp_path: Path
 ) -> None:
@@ -1223,6 +1241,9 @@ def test_a_token_limited_to_some_models(secured: RunningRepository) -> None:
         assert [m["name"] for m in digits.get("/v1/models").json()] == ["digits"]
         seen = {e["model"] for e in digits.get("/v1/events").json()}
         assert seen == {"digits"}
+        # A page holds the events the token may see: it is never empty while more are there.
+        page = digits.get("/v1/events", params={"after": 0, "limit": 1}).json()
+        assert [(e["model"], e["kind"]) for e in page] == [("digits", "model.created")]
 
         actors = {(e["model"], e["kind"]): e["actor"] for e in writer.get("/v1/events").json()}
         assert actors[(other, "model.created")] == "writer"

@@ -202,6 +202,21 @@ def test_an_export_after_a_rollback_serves_the_rolled_back_version(
     assert sorted(p.name for p in (exported / "addone").iterdir()) == ["1", "config.pbtxt"]
 
 
+def test_a_bad_tokens_file_is_one_line_that_shows_no_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([{"name": "ci", "token": "shortsecret1", "scope": "write"}]))
+    done = kapi({}, "repository", "serve", "--data", tmp_path / "data", "--port", "0",
+                "--tokens-file", tokens, ok=False)  # fmt: skip
+    assert done.returncode == 1
+    assert "at least 16 characters" in done.stderr
+    assert "shortsecret1" not in done.stderr
+    assert "Traceback" not in done.stderr
+    env_tokens = kapi({"KAPI_REPOSITORY_TOKENS": '[{"name": "x", "token": "tiny-secret"}]'},
+                      "repository", "serve", "--data", tmp_path / "data", ok=False)  # fmt: skip
+    assert env_tokens.returncode == 2
+    assert "tiny-secret" not in env_tokens.stderr
+
+
 def test_pull_of_an_unknown_model_is_one_clear_line(repository: RunningRepository) -> None:
     done = kapi(env_of(repository), "pull", "nosuch@production", "/tmp/x", ok=False)
     assert done.returncode == 1

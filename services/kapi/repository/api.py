@@ -340,8 +340,9 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         auth.check_read(who, model)
         return store.get_variant(model, number, key)
 
-    @app.get(VARIANT + "/artifact")
+    @app.api_route(VARIANT + "/artifact", methods=["GET", "HEAD"])
     def download(
+        request: Request,
         who: Who,
         model: ModelName,
         number: Number,
@@ -352,7 +353,7 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         so a pull that broke off resumes where it stopped."""
         auth.check_read(who, model)
         variant = store.get_variant(model, number, key)
-        return _download(blobs, variant, range_header)
+        return _download(blobs, variant, range_header, request.method == "HEAD")
 
     @app.get(VARIANT + "/config.pbtxt")
     def triton_config(who: Who, model: ModelName, number: Number, key: Key) -> PlainTextResponse:
@@ -413,8 +414,7 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
     ) -> list[ent.EventOut]:
         """The event log after a cursor (an event id), oldest first."""
         auth.check_read(who, model)
-        rows = store.events(after, model, limit)
-        return [e for e in rows if who.may_see(e.model)]
+        return store.events(after, model, limit, who.models)
 
     @app.get(PREFIX + "/events/cursor")
     def cursor(who: Who) -> dict[str, int]:
@@ -442,7 +442,7 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
         async def events_from(cursor: int) -> AsyncIterator[dict[str, Any]]:
             while True:
                 wake = hub.current()  # taken before reading: a commit after it wakes us
-                rows = await run_in_threadpool(store.events, cursor, model, 500)
+                rows = await run_in_threadpool(store.events, cursor, model, 500, who.models)
                 for row in rows:
                     cursor = row.id
                     if who.may_see(row.model):
@@ -533,7 +533,9 @@ class _IterReader:
         return data
 
 
-def _download(blobs: BlobStore, variant: ent.VariantOut, range_header: str | None) -> Response:
+def _download(
+    blobs: BlobStore, variant: ent.VariantOut, range_header: str | None, head: bool
+) -> Response:
     size = variant.size
     headers = {
         "accept-ranges": "bytes",
@@ -544,7 +546,9 @@ def _download(blobs: BlobStore, variant: ent.VariantOut, range_header: str | Non
     start, end, status = 0, size, 200
     if range_header is not None:
         match = _RANGE.fullmatch(range_header.strip())
-        if match and (match[1] or match[2]):  # one range; several are answered whole
+        backwards = match is not None and match[1] and match[2] and int(match[2]) < int(match[1])
+        # One range; several, or one that ends before it starts, are ignored (RFC 9110 14.2).
+        if match and (match[1] or match[2]) and not backwards:
             if match[1]:
                 start = int(match[1])
                 end = min(size, int(match[2]) + 1) if match[2] else size
@@ -558,6 +562,8 @@ def _download(blobs: BlobStore, variant: ent.VariantOut, range_header: str | Non
             status = 206
             headers["content-range"] = f"bytes {start}-{end - 1}/{size}"
     headers["content-length"] = str(end - start)
+    if head:
+        return Response(status_code=status, media_type="application/octet-stream", headers=headers)
     return StreamingResponse(
         iterate_in_threadpool(blobs.read(variant.digest, start, end)),
         status_code=status,

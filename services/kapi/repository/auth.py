@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ ANONYMOUS = "anonymous"
 class TokenSpec(BaseModel):
     """One configured token: its value, or the sha256 hex of its value."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # it holds secrets
 
     name: Annotated[str, Field(min_length=1, max_length=255)]
     token: Annotated[str, Field(min_length=16)] | None = None
@@ -114,7 +115,9 @@ def admin_token(data_dir: Path) -> TokenSpec:
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         temp = path.with_suffix(".tmp")
-        temp.write_text(secrets.token_urlsafe(32) + "\n")
-        temp.chmod(0o600)
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_urlsafe(32) + "\n")
         temp.replace(path)
     return TokenSpec(name="admin", token=path.read_text().strip(), scope="write")

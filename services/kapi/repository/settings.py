@@ -13,7 +13,10 @@ from kapi.repository.auth import TokenSpec
 
 
 class RepositorySettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="KAPI_REPOSITORY_", extra="forbid")
+    # Errors never echo what was given: tokens are among the settings.
+    model_config = SettingsConfigDict(
+        env_prefix="KAPI_REPOSITORY_", extra="forbid", hide_input_in_errors=True
+    )
 
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080

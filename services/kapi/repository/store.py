@@ -390,12 +390,19 @@ class MetadataStore:
             return session.scalar(select(func.max(Event.id))) or 0
 
     def events(
-        self, after: int = 0, model: str | None = None, limit: int = 500
+        self,
+        after: int = 0,
+        model: str | None = None,
+        limit: int = 500,
+        models: frozenset[str] | None = None,
     ) -> list[ent.EventOut]:
+        """Events after a cursor, of one model or of those in `models` (None: any)."""
         with self._read() as session:
             query = select(Event).where(Event.id > after).order_by(Event.id).limit(limit)
             if model is not None:
                 query = query.where(Event.model == model)
+            if models is not None:
+                query = query.where(Event.model.in_(models))
             return [_event_out(e) for e in session.scalars(query).all()]
 
 
