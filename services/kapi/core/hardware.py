@@ -39,7 +39,7 @@ NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one directory per GPU the driv
 CPUINFO = Path("/proc/cpuinfo")
 DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # present on every Jetson
-NVIDIA_SMI = ("nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader")
+NVIDIA_SMI = ("nvidia-smi", "--query-gpu=index,uuid,compute_cap", "--format=csv,noheader")
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
 NAMED_PROFILES = frozenset(
@@ -100,8 +100,10 @@ def _parse_override(value: str) -> list[str]:
 
 
 def nvidia_profiles() -> list[str]:
-    """One `nvidia-smXY` per distinct compute capability, newest first; [] without GPUs."""
-    if not nvidia_gpu_ids() or shutil.which(NVIDIA_SMI[0]) is None:
+    """One `nvidia-smXY` per distinct compute capability of the GPUs this process can use
+    (CUDA_VISIBLE_DEVICES, by index or UUID, narrows them as CUDA does), newest first;
+    [] without GPUs."""
+    if shutil.which(NVIDIA_SMI[0]) is None:
         return []
     try:
         done = subprocess.run(
@@ -109,8 +111,23 @@ def nvidia_profiles() -> list[str]:
         )
     except (OSError, subprocess.SubprocessError):
         return []  # a driver that does not answer is no GPU to place models on
-    capabilities = {line.strip() for line in done.stdout.splitlines()}
-    sms = {int(cap.replace(".", "")) for cap in capabilities if re.fullmatch(r"\d+\.\d", cap)}
+    gpus = []
+    for line in done.stdout.splitlines():
+        fields = [field.strip() for field in line.split(",")]
+        if len(fields) == 3 and fields[0].isdigit() and re.fullmatch(r"\d+\.\d", fields[2]):
+            gpus.append((int(fields[0]), fields[1], int(fields[2].replace(".", ""))))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        chosen = []
+        for item in (part.strip() for part in visible.split(",")):
+            found = next(
+                (g for g in gpus if str(g[0]) == item or (item and g[1].startswith(item))), None
+            )
+            if found is None or found in chosen:
+                break  # CUDA stops at the first entry that names no device
+            chosen.append(found)
+        gpus = chosen
+    sms = {sm for _, _, sm in gpus}
     return [f"nvidia-sm{sm}" for sm in sorted(sms, reverse=True)]
 
 

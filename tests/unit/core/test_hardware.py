@@ -34,12 +34,17 @@ def set_cpu(machine: Path, monkeypatch: pytest.MonkeyPatch, arch: str, cpuinfo: 
 
 
 def add_gpus(machine: Path, compute_caps: str) -> None:
-    """A driver directory with one entry per GPU, and an nvidia-smi that prints their caps."""
-    for index, _ in enumerate(compute_caps.splitlines()):
-        (machine / "no-driver" / f"0000:0{index}:00.0").mkdir(parents=True)
+    """A driver directory with one entry per GPU, and an nvidia-smi that prints their index,
+    UUID (GPU-0000…, GPU-1111…) and compute capability as its CSV query does."""
+    lines = []
+    for index, cap in enumerate(compute_caps.split("\\n")):
+        if cap:
+            (machine / "no-driver" / f"0000:0{index}:00.0").mkdir(parents=True)
+            lines.append(f"{index}, GPU-{str(index) * 8}-aaaa, {cap}")
     smi = machine / "bin" / "nvidia-smi"
     smi.parent.mkdir()
-    smi.write_text(f"#!/bin/sh\nprintf '{compute_caps}'\n")
+    quoted = " ".join(f"'{line}'" for line in lines)
+    smi.write_text(f"#!/bin/sh\nprintf '%s\\n' {quoted}\n")  # builtins only: PATH is bare
     smi.chmod(0o755)
 
 
@@ -77,6 +82,19 @@ def test_gpus_come_first_newest_first(fake_machine: Path, monkeypatch: pytest.Mo
     set_cpu(fake_machine, monkeypatch, "x86_64", X86_AVX2)
     add_gpus(fake_machine, "7.5\\n9.0\\n9.0\\n")
     assert detect_profiles() == ["nvidia-sm90", "nvidia-sm75", "cpu-x86_64-avx2", "cpu-x86_64"]
+
+
+@pytest.mark.parametrize("visible", ["1", "GPU-11111111", "1,0,0"])
+def test_cuda_visible_devices_narrows_the_gpu_profiles(
+    fake_machine: Path, monkeypatch: pytest.MonkeyPatch, visible: str
+) -> None:
+    set_cpu(fake_machine, monkeypatch, "x86_64", X86_AVX2)
+    add_gpus(fake_machine, "9.0\\n7.5\\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    expected = ["nvidia-sm75", "nvidia-sm90"] if visible.startswith("1,0") else ["nvidia-sm75"]
+    assert [p for p in detect_profiles() if p.startswith("nvidia")] == sorted(
+        expected, reverse=True
+    )
 
 
 def test_no_gpu_profile_when_cuda_hides_every_gpu(
