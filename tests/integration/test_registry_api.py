@@ -413,6 +413,16 @@ def test_a_path_that_names_no_model_is_refused(api: httpx.Client, method: str, p
     assert api.get("/v1/models").json() == before  # nothing was created
 
 
+def test_requirements_of_another_model_are_refused(api: httpx.Client) -> None:
+    name = unique("req")
+    spec = {"model": "someone-else", "task": "classification"}
+    response = api.post("/v1/models", json={"name": name, "requirements": spec})
+    assert response.status_code == 400
+    assert error_of(response) == f"the requirements are model 'someone-else's, not '{name}'s"
+    own = api.post("/v1/models", json={"name": name, "requirements": {**spec, "model": name}})
+    assert own.status_code == 201
+
+
 def test_a_duplicate_model_conflicts(api: httpx.Client) -> None:
     name = unique("twice")
     create_model(api, name, description="first")

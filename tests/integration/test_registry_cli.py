@@ -217,6 +217,30 @@ def test_a_bad_tokens_file_is_one_line_that_shows_no_token(tmp_path: Path) -> No
     assert "tiny-secret" not in env_tokens.stderr
 
 
+def test_a_push_repeats_what_a_model_is_and_never_changes_it(
+    repository: RunningRepository, artifacts: dict[str, Path], tmp_path: Path
+) -> None:
+    env = env_of(repository)
+    push(env, "addone", artifacts["add1"], "--signature", artifacts["signature"])
+    push(env, "addone", artifacts["add2"], "--signature", artifacts["signature"])  # the same
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**SIGNATURE, "max_batch_size": 2}))
+    changed = kapi(env, "push", "addone", artifacts["add1"], "--runtime", "onnxruntime",
+                   "--profile", "cpu-x86_64", "--signature", other, ok=False)  # fmt: skip
+    assert changed.returncode == 1
+    assert "exists with another signature" in changed.stderr
+    lineage = tmp_path / "lineage.json"
+    lineage.write_text("{}")
+    joined = kapi(env, "push", "addone", artifacts["add1"], "--runtime", "openvino",
+                  "--profile", "cpu-x86_64", "--version", "1", "--lineage", lineage,
+                  ok=False)  # fmt: skip
+    assert "with --version the variant joins a version" in joined.stderr
+    assert [v["number"] for v in json.loads(kapi(env, "versions", "addone", "--json").stdout)] == [
+        1,
+        2,
+    ]
+
+
 def test_pull_of_an_unknown_model_is_one_clear_line(repository: RunningRepository) -> None:
     done = kapi(env_of(repository), "pull", "nosuch@production", "/tmp/x", ok=False)
     assert done.returncode == 1

@@ -37,7 +37,6 @@ from kapi.core.errors import (
     NotFound,
     PermissionDenied,
     Unavailable,
-    as_kapi_error,
 )
 from kapi.core.hardware import is_known_profile
 from kapi.repository import entities as ent
@@ -228,7 +227,7 @@ def create_app(store: MetadataStore, blobs: BlobStore, auth: Authenticator) -> F
     def create_model(who: Who, spec: ent.ModelCreate) -> ent.ModelOut:
         auth.check_write(who, spec.name)
         if spec.requirements is not None:
-            _check_requirements(spec.requirements)
+            _check_requirements(spec.name, spec.requirements)
         return store.create_model(who.name, spec)
 
     @app.get(PREFIX + "/models/{model}")
@@ -572,12 +571,10 @@ def _download(
     )
 
 
-def _check_requirements(document: dict[str, Any]) -> None:
+def _check_requirements(model: str, document: dict[str, Any]) -> None:
+    """A requirements spec that parses, and is this model's."""
     from kapi.core.requirements import parse_requirements
 
-    try:
-        parse_requirements(document)
-    except KapiError:
-        raise
-    except Exception as exc:
-        raise as_kapi_error(exc) from exc
+    spec = parse_requirements(document)
+    if spec.model != model:
+        raise InvalidArgument(f"the requirements are model '{spec.model}'s, not '{model}'s")

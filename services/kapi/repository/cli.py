@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kapi.core.errors import KapiError, NotFound
+from kapi.core.errors import InvalidArgument, KapiError, NotFound
 from kapi.core.hardware import detect_profiles
 from kapi.repository import entities as ent
 from kapi.repository.client import RepositoryClient, dumps
@@ -52,7 +52,7 @@ def add_commands(commands: Any) -> None:
     push.add_argument("--filename", help="its name in the version directory")
     push.add_argument("--signature", type=Path, help="JSON: {inputs, outputs, max_batch_size}")
     push.add_argument("--requirements", type=Path, help="the requirements spec (YAML or JSON)")
-    push.add_argument("--description", default="")
+    push.add_argument("--description", default="", help="for a new model")
     push.add_argument("--lineage", type=Path, help="JSON: dataset digest, training config, …")
     push.add_argument("--metrics", type=Path, help="JSON")
     push.add_argument("--report", type=Path, help="a verification report (JSON) to attach")
@@ -120,18 +120,34 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _push(args: argparse.Namespace) -> None:
     key = (args.runtime, args.precision, args.profile)
+    if args.version is not None and (args.lineage or args.metrics):
+        raise InvalidArgument(
+            "--lineage and --metrics describe a new version; with --version the variant "
+            "joins a version whose lineage and metrics are set for good"
+        )
+    wanted = ent.ModelCreate(
+        name=args.model,
+        description=args.description,
+        signature=_json(args.signature) if args.signature else None,
+        requirements=_requirements(args.requirements),
+    )
     with _client(args) as client:
         try:
-            client.model(args.model)
+            existing = client.model(args.model)
         except NotFound:
-            client.create_model(
-                ent.ModelCreate(
-                    name=args.model,
-                    description=args.description,
-                    signature=_json(args.signature) if args.signature else None,
-                    requirements=_requirements(args.requirements),
+            client.create_model(wanted)
+        else:  # what the model is was said when it was made: a push may repeat it, not change it
+            given = {
+                "description": (args.description or None, existing.description or None),
+                "signature": (wanted.signature, existing.signature),
+                "requirements": (wanted.requirements, existing.requirements),
+            }
+            changed = [k for k, (new, old) in given.items() if new is not None and new != old]
+            if changed:
+                raise InvalidArgument(
+                    f"model '{args.model}' exists with another {', '.join(changed)}; "
+                    "a push does not change a model"
                 )
-            )
         number = args.version
         if number is None:
             spec = ent.VersionCreate(
