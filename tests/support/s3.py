@@ -13,7 +13,7 @@ from typing import Any
 import boto3
 import httpx
 
-from tests.support.node import HOST, free_port
+from tests.support.node import HOST, free_port, terminate
 
 MOTO_SERVER = Path(sys.executable).with_name("moto_server")
 REGION = "us-east-1"
@@ -44,16 +44,16 @@ def running_s3_server(log_path: Path, attempts: int = 3) -> Iterator[str]:
             if _wait(process, endpoint):
                 break
         except BaseException:
-            _stop(process)
+            terminate(process, STOP_TIMEOUT_S)
             raise
-        _stop(process)  # exited early: most likely the port was taken meanwhile
+        terminate(process, STOP_TIMEOUT_S)  # exited early: most likely the port was taken meanwhile
         if attempt + 1 == attempts:
             log = log_path.read_text(errors="replace")
             raise S3ServerFailedToStart(f"moto_server did not start:\n{log}")
     try:
         yield endpoint
     finally:
-        _stop(process)
+        terminate(process, STOP_TIMEOUT_S)
 
 
 def s3_client(endpoint: str) -> Any:
@@ -91,13 +91,3 @@ def _wait(process: subprocess.Popen[bytes], endpoint: str) -> bool:
     raise S3ServerFailedToStart(
         f"moto_server at {endpoint} not answering after {READY_TIMEOUT_S} s"
     )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-    process.wait()
