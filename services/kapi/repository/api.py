@@ -16,7 +16,7 @@ import secrets
 import tarfile
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
@@ -468,18 +468,16 @@ async def _receive(request: Request, writer: BlobWriter) -> int:
             async for chunk in request.stream():
                 pending.append(chunk)
                 pending_size += len(chunk)
-                if pending_size >= CHUNK:
-                    data = b"".join(pending)
-                    steps.append(loop.run_in_executor(hasher, writer.hash, data))
-                    steps.append(loop.run_in_executor(storer, writer.store, data))
+                if pending_size >= CHUNK:  # handed over as received, not joined (no copy)
+                    steps.append(loop.run_in_executor(hasher, _each, writer.hash, pending))
+                    steps.append(loop.run_in_executor(storer, _each, writer.store, pending))
                     received += pending_size
                     pending, pending_size = [], 0
                     while len(steps) > 2 * UPLOAD_AHEAD_CHUNKS:
                         await steps.popleft()
             if pending:
-                data = b"".join(pending)
-                steps.append(loop.run_in_executor(hasher, writer.hash, data))
-                steps.append(loop.run_in_executor(storer, writer.store, data))
+                steps.append(loop.run_in_executor(hasher, _each, writer.hash, pending))
+                steps.append(loop.run_in_executor(storer, _each, writer.store, pending))
             while steps:
                 await steps.popleft()
         except ClientDisconnect:
@@ -492,6 +490,11 @@ async def _receive(request: Request, writer: BlobWriter) -> int:
     if declared is not None and declared.isdigit() and int(declared) != writer.size:
         raise InvalidArgument(f"the upload has {writer.size} bytes, not the {declared} it declared")
     return writer.size
+
+
+def _each(step: Callable[[bytes], None], chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        step(chunk)
 
 
 def _check_archive(blobs: BlobStore, digest: str) -> None:
