@@ -5,9 +5,22 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install demo test lint typecheck proto proto-check bench bench-repository clean
+.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed datasets
+
+# Debian's dataset-fashion-mnist, the trainer's full-size dataset: installed when it is
+# missing and apt-get runs as root here, else said.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+datasets:
+	@test -d $(FASHION_MNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's dataset-fashion-mnist"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get -qq update && apt-get -qq install -y dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "warning: $(FASHION_MNIST) is missing: apt-get install dataset-fashion-mnist" >&2; \
+	  fi; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -103,8 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--log-format", choices=["text", "json"])
     node.set_defaults(handler=_node)
     from kapi.repository.cli import add_commands
+    from kapi.trainer.cli import add_commands as add_data_commands
 
     add_commands(commands)
+    add_data_commands(commands)
     return parser
 
 

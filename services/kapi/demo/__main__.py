@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kapi.demo import _hardening, _parity, _registry, _repository, _serving
+from kapi.demo import _data, _hardening, _parity, _registry, _repository, _serving
 
 DEFAULT_ROOT = Path("demo-repository")
 
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     _registry.model_repository(root, registry)
     print(f"   its data, the node's cache and log, and the export stay in {registry}")
     kapi = Path(sys.executable).with_name("kapi")
-    print(f"10. the repository stays in {root}; serve it yourself with:")
+    _data.data_stage(root.parent / "demo-data")
+    print(f"11. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 

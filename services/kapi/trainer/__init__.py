@@ -1,0 +1,1 @@
+"""The trainer: datasets, training and hardware-aware hyperparameter search."""

@@ -1,0 +1,124 @@
+"""The trainer's data commands: `kapi data ingest|list|show|analyze`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from kapi.core.errors import InvalidArgument
+
+DEFAULT_ROOT = "kapi-data"  # beside where it runs, unless --root or KAPI_DATA_ROOT says
+
+
+def add_commands(commands: Any) -> None:
+    data = commands.add_parser("data", help="datasets: ingest, list, show, analyze")
+    actions = data.add_subparsers(dest="action", required=True)
+
+    ingest = actions.add_parser("ingest", help="store a version of a dataset")
+    ingest.add_argument(
+        "source",
+        help="fashion-mnist, mnist-subset, sklearn-digits, a folder of class folders, "
+        "a .csv (a label column) or a .npz (x, y[, classes])",
+    )
+    ingest.add_argument("--name", required=True, help="the dataset's name (DNS-label style)")
+    ingest.add_argument("--seed", type=int, default=0, help="of the stratified split")
+    ingest.add_argument("--val", type=float, default=0.1, help="share for validation")
+    ingest.add_argument("--test", type=float, default=0.1, help="share for test (unless given)")
+    ingest.add_argument("--resize", help="HxW, e.g. 32x32")
+    ingest.add_argument("--channels", choices=["grayscale", "rgb"])
+    _common(ingest)
+    ingest.set_defaults(handler=_ingest)
+
+    listing = actions.add_parser("list", help="datasets and their versions")
+    _common(listing)
+    listing.set_defaults(handler=_list)
+
+    show = actions.add_parser("show", help="one version's record")
+    show.add_argument("name")
+    show.add_argument("--version", help="a digest or its first hex digits (default: latest)")
+    _common(show)
+    show.set_defaults(handler=_show)
+
+    analyze = actions.add_parser("analyze", help="write a report on a dataset version")
+    analyze.add_argument("name")
+    analyze.add_argument("--version", help="a digest or its first hex digits (default: latest)")
+    analyze.add_argument("--out", type=Path, help="default: ROOT/NAME/<version>/report")
+    _common(analyze)
+    analyze.set_defaults(handler=_analyze)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, help=f"default $KAPI_DATA_ROOT or ./{DEFAULT_ROOT}")
+    parser.add_argument("--json", action="store_true", help="JSON instead of text")
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from kapi.trainer.data.store import DatasetStore
+
+    return DatasetStore(args.root or Path(os.environ.get("KAPI_DATA_ROOT", DEFAULT_ROOT)))
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from kapi.trainer.data.sources import open_source
+
+    resize = _size(args.resize) if args.resize else None
+    samples = open_source(args.source).load()
+    dataset, new = _store(args).ingest(
+        args.name,
+        samples,
+        seed=args.seed,
+        val=args.val,
+        test=args.test,
+        resize=resize,
+        channels=args.channels,
+    )
+    if args.json:
+        print(json.dumps({"new": new, **dataset.meta}, indent=2))
+        return
+    counts = {split: sum(c.values()) for split, c in dataset.meta["counts"].items()}
+    state = "stored" if new else "already there (the same data, split and preprocessing)"
+    print(f"{dataset.name} {dataset.digest[:19]}: {state}")
+    print(f"  {dataset.meta['description']}; {len(dataset.classes)} classes; samples {counts}")
+    print(f"  {dataset.path}")
+
+
+def _list(args: argparse.Namespace) -> None:
+    store = _store(args)
+    rows = {name: store.versions(name) for name in store.names()}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for name, versions in rows.items():
+        for number, version in enumerate(versions, start=1):
+            print(
+                f"{name:<20} v{number:<3} {version['digest'][:19]}  {version['samples']:>7} "
+                f"samples  {version['created_at'][:19]}  {version['description']}"
+            )
+
+
+def _show(args: argparse.Namespace) -> None:
+    dataset = _store(args).get(args.name, args.version)
+    print(json.dumps(dataset.meta, indent=2))
+
+
+def _analyze(args: argparse.Namespace) -> None:
+    from kapi.trainer.data.analyze import analyze
+
+    dataset = _store(args).get(args.name, args.version)
+    report = analyze(dataset, args.out or dataset.path / "report")
+    if args.json:
+        print(json.dumps(json.loads(report.json_path.read_text()), indent=2))
+        return
+    print(f"{dataset.name} {dataset.digest[:19]}: report in {report.markdown_path}")
+    for line in report.summary_lines():
+        print(f"  {line}")
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    if not (height.isdigit() and width.isdigit()) or not int(height) or not int(width):
+        raise InvalidArgument(f"--resize {text!r}: expected HxW, e.g. 32x32")
+    return int(height), int(width)

@@ -1,0 +1,2 @@
+"""Datasets: sources, versions named by their content, splits, preprocessing,
+augmentation and analysis."""
