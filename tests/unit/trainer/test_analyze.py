@@ -15,6 +15,7 @@ import pytest
 from kapi.core.errors import InvalidArgument
 from kapi.trainer.data import analyze as analysis
 from kapi.trainer.data.analyze import Report, analyze
+from kapi.trainer.data.analyze.duplicates import NearPairs
 from kapi.trainer.data.sources import Samples, open_source
 from kapi.trainer.data.store import Dataset, DatasetStore
 from PIL import Image
@@ -197,7 +198,7 @@ def test_band_search_finds_every_pair_within_the_threshold() -> None:
     near = [b ^ np.bitwise_or.reduce(flips[i % 6]) for i, b in enumerate(base[:120])]
     hashes = np.unique(np.concatenate([base, np.array(near, dtype=np.uint64)]))
     for threshold in (0, 2, 4, 7):
-        found = analysis._NearPairs.find(hashes, threshold)
+        found = NearPairs.find(hashes, threshold)
         bits = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
         expected = {(i, j) for i, j in zip(*np.nonzero(bits <= threshold), strict=True) if i < j}
         assert set(zip(found.first.tolist(), found.second.tolist(), strict=True)) == expected
