@@ -17,6 +17,9 @@ from PIL import Image
 
 from tests.support.node import KAPI
 
+# What sklearn-digits ingests as with the default split: a change here changes every digest.
+PINNED_DIGITS_DIGEST = "sha256:fc8351a903572a7329d1f71a24c03bded09411adff3c9424b5cf7f14ce671b25"
+
 
 def images(count: int, classes: int = 2, size: int = 8, seed: int = 0) -> Samples:
     rng = np.random.default_rng(seed)
@@ -205,9 +208,88 @@ def test_a_failed_ingest_leaves_nothing_behind(
         store.ingest("synth", images(50, seed=1))
     assert len(store.versions("synth")) == 1
     assert sorted(p.name for p in (tmp_path / "synth").iterdir()) == [
+        ".lock",  # the ingest lock, empty
         store.get("synth").path.name,
         "versions.json",
     ]
+
+
+def test_a_version_left_unlisted_by_a_failed_ingest_is_listed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DatasetStore(tmp_path)
+
+    def crash(*_: object) -> None:
+        raise OSError("killed between the rename and the list")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_list_version", crash)
+        with pytest.raises(OSError, match="killed"):
+            store.ingest("synth", images(50))
+    dataset, new = store.ingest("synth", images(50))
+    assert not new  # its directory was in place: the same version, now listed
+    assert [v["digest"] for v in store.versions("synth")] == [dataset.digest]
+
+
+def _ingest_one(root: str, seed: int) -> str:
+    dataset, _ = DatasetStore(Path(root)).ingest("synth", images(300, seed=seed))
+    return dataset.digest
+
+
+def test_concurrent_ingests_of_one_name_each_get_listed(tmp_path: Path) -> None:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        digests = pool.starmap(_ingest_one, [(str(tmp_path), seed % 3) for seed in range(6)])
+    listed = [v["digest"] for v in DatasetStore(tmp_path).versions("synth")]
+    assert sorted(listed) == sorted(set(digests))
+    assert len(listed) == 3
+
+
+def test_a_digest_is_pinned_and_covers_names_and_options(tmp_path: Path) -> None:
+    store = DatasetStore(tmp_path)
+    digits = open_source("sklearn-digits").load()
+    first, _ = store.ingest("digits", digits)
+    # The same bytes everywhere (little-endian, splits as codes): a digest to hold on to.
+    assert first.digest == PINNED_DIGITS_DIGEST
+    renamed = Samples(digits.x, digits.y, [f"d{i}" for i in range(10)])
+    assert store.ingest("digits", renamed)[0].digest != first.digest
+    assert store.ingest("digits", digits, resize=(16, 16))[0].digest != first.digest
+    big_endian = Samples(digits.x, digits.y.astype(">i8"), digits.classes, description="x")
+    assert store.ingest("digits", big_endian)[0].digest == first.digest
+
+
+def test_labels_and_samples_of_the_wrong_shape_are_refused() -> None:
+    x = np.zeros((4, 3, 3, 1), dtype=np.uint8)
+    with pytest.raises(InvalidArgument, match=r"shape \[N\]"):
+        Samples(x, np.array([[0], [1], [0], [1]]), ["a", "b"]).check()
+    with pytest.raises(InvalidArgument, match="images"):
+        Samples(np.zeros((4,)), np.array([0, 1, 0, 1]), ["a", "b"]).check()
+    with pytest.raises(InvalidArgument, match="not a number"):
+        Samples(np.array([[1.0], [np.nan]]), np.array([0, 1]), ["a", "b"]).check()
+    with pytest.raises(InvalidArgument, match=r"classes \['c'\] have no samples"):
+        Samples(x, np.array([0, 1, 0, 1]), ["a", "b", "c"]).check()
+
+
+def test_channels_first_arrays_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "nchw.npz"
+    np.savez(path, x=np.zeros((4, 1, 16, 16), dtype=np.uint8), y=np.array([0, 1, 0, 1]))
+    with pytest.raises(InvalidArgument, match="channels-first"):
+        open_source(str(path)).load()
+
+
+def test_sixteen_bit_images_are_scaled_and_hidden_folders_are_no_classes(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024).astype(np.uint16)
+        Image.fromarray(ramp).save(tmp_path / "imgs" / name / "0.png")
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "imgs" / "a" / "notes.webp").write_bytes(b"skipped")
+    samples = open_source(str(tmp_path / "imgs")).load()
+    assert samples.classes == ["a", "b"]
+    assert "1 other files skipped" in samples.description
+    assert len(np.unique(samples.x)) == 64  # scaled, not clipped to 0 and 255
+    assert samples.x.max() == round(63 * 1024 * 255 / 65535)
 
 
 def test_a_bad_name_or_split_is_refused(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -42,14 +43,28 @@ class Samples:
         """Refuse what no model can learn from, naming what is wrong."""
         if len(self.x) == 0:
             raise InvalidArgument("the dataset is empty")
+        if self.y.ndim != 1:
+            raise InvalidArgument(f"labels must be one per sample, shape [N]; not {self.y.shape}")
+        if self.x.ndim not in (2, 4):
+            raise InvalidArgument(
+                f"samples must be images [N, H, W, C] or rows [N, F]; not {self.x.shape}"
+            )
         if len(self.x) != len(self.y):
             raise InvalidArgument(f"{len(self.x)} samples but {len(self.y)} labels")
+        if self.x.ndim == 2 and self.x.shape[1] == 0:
+            raise InvalidArgument("the rows have no features")
+        if np.issubdtype(self.x.dtype, np.floating) and not np.isfinite(self.x).all():
+            where = np.argwhere(~np.isfinite(self.x))[0]
+            raise InvalidArgument(f"sample {where[0]} holds {self.x[tuple(where)]}, not a number")
         if self.y.min() < 0 or self.y.max() >= len(self.classes):
             raise InvalidArgument(
                 f"labels must be 0 to {len(self.classes) - 1} for {len(self.classes)} classes; "
                 f"they run from {self.y.min()} to {self.y.max()}"
             )
         present = np.unique(self.y)
+        empty = [name for i, name in enumerate(self.classes) if i not in set(present.tolist())]
+        if empty and len(present) >= 2:
+            raise InvalidArgument(f"classes {empty} have no samples")
         if len(present) < 2:
             raise InvalidArgument(
                 f"the dataset has one class ({self.classes[int(present[0])]!r}); a classifier "
@@ -99,19 +114,23 @@ class ImageFolder(Source):
     def load(self) -> Samples:
         from PIL import Image, UnidentifiedImageError
 
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        # Hidden folders (.ipynb_checkpoints, .git) are no classes.
+        classes = sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+        skipped = 0
         images: list[npt.NDArray[np.uint8]] = []
         labels: list[int] = []
         first: tuple[Path, tuple[int, ...]] | None = None
         for index, name in enumerate(classes):
             for path in sorted((self.root / name).iterdir()):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
+                    skipped += 1
                     continue
                 try:
                     with Image.open(path) as image:
                         image.load()
-                        mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-                        array = np.asarray(image.convert(mode), dtype=np.uint8)
+                        array = _pixels(image)
                 except (UnidentifiedImageError, OSError) as exc:
                     raise InvalidArgument(f"{path} is not a readable image: {exc}") from exc
                 array = array[..., None] if array.ndim == 2 else array
@@ -126,11 +145,12 @@ class ImageFolder(Source):
                 labels.append(index)
         if not images:
             raise InvalidArgument(f"{self.root} holds no PNG or JPEG images in class folders")
+        others = f" ({skipped} other files skipped)" if skipped else ""
         return Samples(
             np.stack(images),
             np.array(labels, dtype=np.int64),
             classes,
-            description=f"images from {self.root}",
+            description=f"images from {self.root}{others}",
         ).check()
 
 
@@ -158,6 +178,11 @@ class NpzArrays(Source):
             raise InvalidArgument(f"labels must be integers; {self.path} has {y.dtype}")
         if x.ndim == 3:  # [N, H, W]: one channel
             x = x[..., None]
+        if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[3] not in (1, 3, 4):
+            raise InvalidArgument(
+                f"x of shape {x.shape} looks channels-first; images are [N, H, W, C] "
+                "(x.transpose(0, 2, 3, 1))"
+            )
         given = arrays.get("classes")
         classes = [str(c) for c in given] if given is not None else _class_names(y)
         return Samples(
@@ -186,7 +211,7 @@ class CsvRows(Source):
                 except (TypeError, ValueError) as exc:
                     raise InvalidArgument(f"{self.path} line {line}: {exc}") from exc
                 raw_labels.append(row["label"])
-        classes = sorted(set(raw_labels), key=_natural)
+        classes = sorted(set(raw_labels), key=lambda label: (*_natural(label), label))
         index = {name: i for i, name in enumerate(classes)}
         return Samples(
             np.array(rows, dtype=np.float32).reshape(len(rows), len(features)),
@@ -254,6 +279,18 @@ class SklearnDigits(Source):
             [str(d) for d in range(10)],
             description="scikit-learn digits, 8x8",
         ).check()
+
+
+def _pixels(image: Any) -> npt.NDArray[np.uint8]:
+    """8-bit pixels of a Pillow image: grayscale kept one channel (16- and 32-bit ones scaled,
+    not clipped), alpha dropped, palettes and CMYK as RGB."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if wide.max() <= 65535 else float(2**32 - 1)
+        return np.round(wide * (255 / top)).astype(np.uint8)
+    if image.mode in ("L", "1", "LA"):
+        return np.asarray(image.convert("L"), dtype=np.uint8)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def _idx(path: Path) -> npt.NDArray[np.uint8]:

@@ -13,12 +13,15 @@ leaves nothing half-written:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,45 +93,24 @@ class DatasetStore:
         options = {"resize": resize, "channels": channels}
         digest = content_digest(samples, split, options)
         target = self.root / name / digest.removeprefix("sha256:")[:16]
-        if target.is_dir():
-            return self.get(name, digest), False
-        counts = {
-            which: {
-                c: int(((split == which) & (samples.y == i)).sum())
-                for i, c in enumerate(samples.classes)
-            }
-            for which in SPLITS
-        }
-        meta = {
-            "name": name,
-            "digest": digest,
-            "created_at": datetime.now(UTC).isoformat(),
-            "description": samples.description,
-            "classes": samples.classes,
-            "sample_shape": list(samples.x.shape[1:]),
-            "dtype": str(samples.x.dtype),
-            "counts": counts,
-            "split": {
-                "seed": seed,
-                "val": val,
-                "test": test,
-                "given": samples.given_split is not None,
-            },
-            "preprocessing": preprocessing.model_dump(mode="json"),
-        }
         (self.root / name).mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".ingest-"))
-        try:
-            with (staging / "arrays.npz").open("wb") as file:
-                np.savez(file, x=samples.x, y=samples.y, split=split)
-                file.flush()
-                os.fsync(file.fileno())
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self._append_version(name, meta)
+        with _locked(self.root / name / ".lock"):  # one ingest of a name at a time
+            if target.is_dir():
+                self._list_version(name, target)  # one a failed ingest did not list yet
+                return self.get(name, digest), False
+            meta = _meta(name, digest, samples, split, seed, val, test, preprocessing)
+            staging = Path(tempfile.mkdtemp(dir=self.root / name, prefix=".ingest-"))
+            try:
+                with (staging / "arrays.npz").open("wb") as file:
+                    np.savez(file, x=samples.x, y=samples.y, split=split)
+                    file.flush()
+                    os.fsync(file.fileno())
+                _write_json(staging / "meta.json", meta)
+                os.replace(staging, target)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._list_version(name, target)
         return Dataset(name, digest, target, meta), True
 
     def versions(self, name: str) -> list[dict[str, Any]]:
@@ -163,9 +145,14 @@ class DatasetStore:
         meta = json.loads((path / "meta.json").read_text())
         return Dataset(name, entry["digest"], path, meta)
 
-    def _append_version(self, name: str, meta: dict[str, Any]) -> None:
+    def _list_version(self, name: str, version_dir: Path) -> None:
+        """Add a version to versions.json unless it is there (a version whose directory is
+        in place is real: its meta.json is its record)."""
         path = self.root / name / "versions.json"
         versions = json.loads(path.read_text()) if path.is_file() else []
+        meta = json.loads((version_dir / "meta.json").read_text())
+        if any(v["digest"] == meta["digest"] for v in versions):
+            return
         versions.append(
             {
                 "digest": meta["digest"],
@@ -174,9 +161,63 @@ class DatasetStore:
                 "samples": sum(sum(c.values()) for c in meta["counts"].values()),
             }
         )
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(versions, indent=2))
+        _write_json(path, versions)
+
+
+def _meta(
+    name: str,
+    digest: str,
+    samples: Samples,
+    split: npt.NDArray[np.str_],
+    seed: int,
+    val: float,
+    test: float,
+    preprocessing: Preprocessing,
+) -> dict[str, Any]:
+    counts = {
+        which: {
+            c: int(np.count_nonzero((split == which) & (samples.y == i)))
+            for i, c in enumerate(samples.classes)
+        }
+        for which in SPLITS
+    }
+    return {
+        "name": name,
+        "digest": digest,
+        "created_at": datetime.now(UTC).isoformat(),
+        "description": samples.description,
+        "classes": samples.classes,
+        "sample_shape": list(samples.x.shape[1:]),
+        "dtype": str(samples.x.dtype),
+        "counts": counts,
+        "split": {"seed": seed, "val": val, "test": test, "given": samples.given_split is not None},
+        "preprocessing": preprocessing.model_dump(mode="json"),
+    }
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file, between processes (flock)."""
+    with path.open("a") as file:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Replace a JSON file in one step, through a temporary file of its own, synced."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(value, file, indent=2, allow_nan=False)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def stratified_split(
@@ -220,8 +261,12 @@ def _split(
 
 def content_digest(samples: Samples, split: npt.NDArray[np.str_], options: dict[str, Any]) -> str:
     digest = hashlib.sha256(b"kapi-dataset-1\0")
-    for array in (samples.x, samples.y, split):
-        contiguous = np.ascontiguousarray(array)
+    codes = np.zeros(len(split), dtype=np.uint8)  # train 0, val 1, test 2
+    for number, which in enumerate(SPLITS):
+        codes[split == which] = number
+    for array in (samples.x, samples.y, codes):
+        # Little-endian whatever the host, so that a digest is the same everywhere.
+        contiguous = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         digest.update(f"{contiguous.dtype.str}{contiguous.shape}\0".encode())
         digest.update(contiguous.tobytes())
     digest.update(json.dumps({"classes": samples.classes, **options}, sort_keys=True).encode())
