@@ -1,4 +1,4 @@
-"""The trainer's data commands: `kapi data ingest|list|show|analyze`."""
+"""The trainer's commands: `kapi data ingest|list|show|analyze` and `kapi train`."""
 
 from __future__ import annotations
 
@@ -48,6 +48,29 @@ def add_commands(commands: Any) -> None:
     analyze.add_argument("--out", type=Path, help="default: ROOT/NAME/<version>/report")
     _common(analyze)
     analyze.set_defaults(handler=_analyze)
+    _add_train(commands)
+
+
+def _add_train(commands: Any) -> None:
+    train = commands.add_parser("train", help="train a zoo model on a dataset, write its bundle")
+    train.add_argument("--dataset", required=True, help="a stored dataset's name")
+    train.add_argument("--version", help="a digest or its first hex digits (default: latest)")
+    train.add_argument("--model", required=True, help="a zoo architecture, e.g. small_cnn")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float, help="AdamW's learning rate")
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--width", type=float, help="channel multiplier")
+    train.add_argument("--depth", type=float, help="block multiplier")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--patience", type=int, help="epochs without a better val accuracy")
+    train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    train.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    train.add_argument("--out", type=Path, help="default: ./kapi-runs/DATASET-MODEL")
+    train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(train)
+    train.set_defaults(handler=_train)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -122,3 +145,65 @@ def _size(text: str) -> tuple[int, int]:
     if not (height.isdigit() and width.isdigit()) or not int(height) or not int(width):
         raise InvalidArgument(f"--resize {text!r}: expected HxW, e.g. 32x32")
     return int(height), int(width)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from kapi.core.errors import AlreadyExists
+    from kapi.trainer.bundle import write_bundle
+    from kapi.trainer.training import EpochMetrics, TrainConfig, train
+
+    given = {
+        "dataset_version": args.version,
+        **{key: getattr(args, key) for key in _TRAIN_OPTIONS},
+    }
+    config = TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        **{key: value for key, value in given.items() if value is not None},
+    )
+    out = args.out or Path("kapi-runs") / f"{args.dataset}-{args.model}"
+    target = out / "bundle"
+    if target.exists():
+        raise AlreadyExists(f"{target} exists already; choose another --out")
+
+    def report(metrics: EpochMetrics) -> None:
+        print(
+            f"epoch {metrics.epoch:>3}/{config.epochs}  train loss {metrics.train_loss:.4f}  "
+            f"val loss {metrics.val_loss:.4f}  val accuracy {metrics.val_accuracy:.4f}  "
+            f"{metrics.seconds:.1f}s  {metrics.samples_per_second:,.0f} samples/s",
+            flush=True,
+        )
+
+    store = _store(args)
+    result = train(
+        config,
+        store,
+        out,
+        progress=not args.no_progress,
+        resume=args.resume,
+        on_epoch=None if args.json else report,
+    )
+    dataset = store.get(config.dataset, config.dataset_version)
+    bundle = write_bundle(result, dataset, config, target)
+    if args.json:
+        metrics = json.loads((bundle / "metrics.json").read_text())
+        print(json.dumps({"bundle": str(bundle), **metrics}, indent=2))
+        return
+    stopped = f" (stopped early after {len(result.history)})" if result.stopped_early else ""
+    print(f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}{stopped}")
+    print(f"test accuracy {result.test_accuracy:.4f}")
+    print(f"bundle {bundle}")
+
+
+_TRAIN_OPTIONS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "width",
+    "depth",
+    "seed",
+    "patience",
+    "device",
+    "threads",
+)

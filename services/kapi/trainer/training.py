@@ -1,0 +1,375 @@
+"""Training a zoo model on a stored dataset version: seeded, checkpointed every epoch,
+stopped early on validation accuracy, and scored on the test split with the best state.
+
+Each split is preprocessed once, up front, into tensors on the training device; an epoch is a
+shuffled walk over the training indices (a seeded generator of its own), so a step does no
+Python-side transforms. Augmentation (off by default) gives class probabilities, and the one
+loss is cross entropy against them.
+
+The checkpoint, `out_dir/.checkpoint.pt`, holds everything the next epoch depends on: the
+model, the optimizer, the best state so far, the history and the random states. Resuming from
+it gives the same result as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+from tqdm import tqdm
+
+from kapi.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from kapi.trainer import models
+from kapi.trainer.data.augment import AugmentConfig, Augmenter
+from kapi.trainer.data.store import Dataset, DatasetStore
+
+CHECKPOINT = ".checkpoint.pt"
+EVAL_BATCH = 1024
+# Architectures whose stem depends on the input's side; they are built with input_size.
+SIZED_MODELS = frozenset({"resnet18"})
+# An epoch's augmenter is seeded apart from the others': seed * stride + epoch.
+EPOCH_SEED_STRIDE = 65_537
+# What may differ between a checkpoint's run and the run that resumes it.
+RESUMABLE = frozenset({"epochs", "patience", "device", "threads"})
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Multiplier = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    dataset_version: str | None = None  # a digest or its first hex digits; None: the latest
+    model: str  # a zoo name: kapi.trainer.models.names()
+    width: Multiplier = 1.0
+    depth: Multiplier = 1.0
+    epochs: PositiveInt = 20
+    batch_size: PositiveInt = 64
+    lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1e-3  # AdamW
+    weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1e-4
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    patience: PositiveInt = 5  # epochs without a better val accuracy before stopping
+    augment: AugmentConfig = AugmentConfig()
+    device: str = "auto"  # cuda when there is one, else cpu; or a torch device name
+    threads: PositiveInt | None = None  # torch's intra-op threads; None: every core
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto":
+            torch.device(value)  # raises RuntimeError on a name torch does not know
+        return value
+
+
+class EpochMetrics(BaseModel):
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+    samples_per_second: float
+
+
+@dataclass
+class Result:
+    """The trained model, on the CPU with its best state, and how it got there."""
+
+    model: nn.Module
+    history: list[EpochMetrics]
+    best_epoch: int
+    best_val_accuracy: float
+    test_accuracy: float
+    stopped_early: bool
+    input_shape: list[int]  # one sample's, without the batch dimension
+    num_classes: int
+    device: str
+
+
+@dataclass
+class _Splits:
+    """Each split preprocessed, on the training device."""
+
+    x: dict[str, torch.Tensor]
+    y: dict[str, torch.Tensor]
+    num_classes: int
+
+
+def train(
+    config: TrainConfig,
+    store: DatasetStore,
+    out_dir: Path,
+    progress: bool = True,
+    *,
+    resume: bool = False,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+) -> Result:
+    """Train `config.model` on `config.dataset`; `resume` continues from out_dir's checkpoint."""
+    dataset = store.get(config.dataset, config.dataset_version)
+    device = resolve_device(config.device)
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    model = build_model(config, dataset).to(device)
+    splits = _load_splits(dataset, device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    shuffle = torch.Generator().manual_seed(config.seed)
+    state = _State(best_state=_copy_state(model))
+    checkpoint = out_dir / CHECKPOINT
+    if resume:
+        state = _restore(checkpoint, config, dataset, model, optimizer, shuffle)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    while state.epoch < config.epochs and not state.stalled(config.patience):
+        state.epoch += 1
+        metrics = _run_epoch(model, optimizer, splits, config, shuffle, state.epoch, progress)
+        state.record(metrics, model)
+        _save(checkpoint, config, dataset, model, optimizer, shuffle, state)
+        if on_epoch is not None:
+            on_epoch(metrics)
+    model.load_state_dict(state.best_state)
+    _, test_accuracy = evaluate(model, splits.x["test"], splits.y["test"])
+    return Result(
+        model=model.cpu().eval(),
+        history=state.history,
+        best_epoch=state.best_epoch,
+        best_val_accuracy=state.best_val_accuracy,
+        test_accuracy=test_accuracy,
+        stopped_early=state.epoch < config.epochs,
+        input_shape=_input_shape(dataset),
+        num_classes=splits.num_classes,
+        device=str(device),
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
+    """A fresh zoo model for the dataset's inputs and classes (InvalidArgument, listing the
+    zoo, for a name it does not have)."""
+    shape = _input_shape(dataset)
+    if len(shape) != 3:
+        raise InvalidArgument(
+            f"dataset '{dataset.name}' holds rows of {shape[0]} features; the zoo's models "
+            "take images"
+        )
+    extra = {"input_size": max(shape[1:])} if config.model in SIZED_MODELS else {}
+    return models.build(
+        config.model,
+        in_channels=shape[0],
+        num_classes=len(dataset.classes),
+        width=config.width,
+        depth=config.depth,
+        **extra,
+    )
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) in eval mode; (nan, nan) for an empty split."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.int64)
+    with torch.no_grad():
+        for start in range(0, len(y), EVAL_BATCH):
+            logits = model(x[start : start + EVAL_BATCH])
+            labels = y[start : start + EVAL_BATCH]
+            loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+    return float(loss) / len(y), int(correct) / len(y)
+
+
+def _run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    splits: _Splits,
+    config: TrainConfig,
+    shuffle: torch.Generator,
+    epoch: int,
+    progress: bool,
+) -> EpochMetrics:
+    augmenter = Augmenter(config.augment, config.seed * EPOCH_SEED_STRIDE + epoch)
+    started = time.perf_counter()
+    bar = tqdm(
+        total=-(-len(splits.y["train"]) // config.batch_size),
+        desc=f"epoch {epoch}/{config.epochs}",
+        disable=not progress or not sys.stderr.isatty(),
+        leave=False,
+    )
+    with bar:
+        train_loss = _train_epoch(model, optimizer, splits, config, augmenter, shuffle, bar)
+    val_loss, val_accuracy = evaluate(model, splits.x["val"], splits.y["val"])
+    seconds = time.perf_counter() - started
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_accuracy=val_accuracy,
+        seconds=seconds,
+        samples_per_second=len(splits.y["train"]) / seconds,
+    )
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    splits: _Splits,
+    config: TrainConfig,
+    augmenter: Augmenter,
+    shuffle: torch.Generator,
+    bar: tqdm,
+) -> float:
+    model.train()
+    x, y = splits.x["train"], splits.y["train"]
+    order = torch.randperm(len(y), generator=shuffle).to(x.device)
+    num_classes = splits.num_classes
+    total = torch.zeros((), device=x.device)
+    for start in range(0, len(y), config.batch_size):
+        chosen = order[start : start + config.batch_size]
+        images, targets = augmenter(x[chosen], y[chosen], num_classes)
+        loss = nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        optimizer.step()
+        total += loss.detach() * len(chosen)
+        bar.update()
+    return float(total) / len(y)
+
+
+def _load_splits(dataset: Dataset, device: torch.device) -> _Splits:
+    x_all, y_all, split = dataset.arrays()
+    preprocessing = dataset.preprocessing
+    splits = _Splits({}, {}, len(dataset.classes))
+    for which in ("train", "val", "test"):
+        chosen = split == which
+        splits.x[which] = torch.from_numpy(preprocessing.apply(x_all[chosen])).to(device)
+        splits.y[which] = torch.from_numpy(y_all[chosen].astype(np.int64)).to(device)
+    if len(splits.y["train"]) == 0 or len(splits.y["val"]) == 0:
+        raise FailedPrecondition(
+            f"dataset '{dataset.name}' needs train and val samples to train and stop early on"
+        )
+    return splits
+
+
+def _input_shape(dataset: Dataset) -> list[int]:
+    return dataset.preprocessing.input_shape(tuple(dataset.meta["sample_shape"]))
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+@dataclass
+class _State:
+    """Where training stands after `epoch` epochs."""
+
+    best_state: dict[str, torch.Tensor]
+    epoch: int = 0
+    best_epoch: int = 0
+    best_val_accuracy: float = -1.0
+    history: list[EpochMetrics] = field(default_factory=list)
+
+    def stalled(self, patience: int) -> bool:
+        return self.epoch - self.best_epoch >= patience
+
+    def record(self, metrics: EpochMetrics, model: nn.Module) -> None:
+        self.history.append(metrics)
+        if metrics.val_accuracy > self.best_val_accuracy:
+            self.best_val_accuracy = metrics.val_accuracy
+            self.best_epoch = metrics.epoch
+            self.best_state = _copy_state(model)
+
+
+def _save(
+    path: Path,
+    config: TrainConfig,
+    dataset: Dataset,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shuffle: torch.Generator,
+    state: _State,
+) -> None:
+    """Written beside and renamed into place: a cancelled save leaves the last one whole."""
+    checkpoint = {
+        "config": config.model_dump(mode="json"),
+        "dataset_digest": dataset.digest,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_accuracy": state.best_val_accuracy,
+        "best_state": state.best_state,
+        "history": [metrics.model_dump() for metrics in state.history],
+        "rng": _rng_states(shuffle),
+    }
+    temp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temp)
+    os.replace(temp, path)
+
+
+def _restore(
+    path: Path,
+    config: TrainConfig,
+    dataset: Dataset,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    shuffle: torch.Generator,
+) -> _State:
+    if not path.is_file():
+        raise NotFound(f"there is no checkpoint to resume from at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = {k: v for k, v in checkpoint["config"].items() if k not in RESUMABLE}
+    wanted = {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE}
+    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if changed or checkpoint["dataset_digest"] != dataset.digest:
+        what = ", ".join(changed) if changed else "the dataset version"
+        raise FailedPrecondition(
+            f"the checkpoint at {path} is of another run ({what} differ); only "
+            f"{sorted(RESUMABLE)} may change on resume"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    _set_rng_states(checkpoint["rng"], shuffle)
+    return _State(
+        best_state=checkpoint["best_state"],
+        epoch=checkpoint["epoch"],
+        best_epoch=checkpoint["best_epoch"],
+        best_val_accuracy=checkpoint["best_val_accuracy"],
+        history=[EpochMetrics.model_validate(m) for m in checkpoint["history"]],
+    )
+
+
+def _rng_states(shuffle: torch.Generator) -> dict[str, Any]:
+    numpy_state = np.random.get_state(legacy=True)
+    assert isinstance(numpy_state, tuple)  # legacy=True: the tuple, not the dict
+    _, keys, position, has_gauss, gauss = numpy_state
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "shuffle": shuffle.get_state(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+    }
+
+
+def _set_rng_states(states: dict[str, Any], shuffle: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    shuffle.set_state(states["shuffle"])
+    keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, gauss))
