@@ -36,3 +36,19 @@ def data_stage(root: Path) -> None:
         print(f"   {name} analyzed in {time.monotonic() - started:.1f} s: {report.markdown_path}")
         for line in report.summary_lines():
             print(f"     {line}")
+    train_stage(store, root)
+
+
+def train_stage(store: DatasetStore, root: Path) -> None:
+    """kapi train on digits: the small CNN, with early stopping, into a bundle."""
+    from kapi.trainer.bundle import write_bundle
+    from kapi.trainer.training import TrainConfig, train
+
+    config = TrainConfig(dataset="digits", model="small_cnn", epochs=20, seed=0)
+    print("   kapi train --dataset digits --model small_cnn (20 epochs at most, early stopping)")
+    started = time.monotonic()
+    result = train(config, store, root / "runs" / "digits", progress=False)
+    bundle = write_bundle(result, store.get("digits"), config, root / "runs" / "digits" / "bundle")
+    print(f"   {len(result.history)} epochs in {time.monotonic() - started:.1f} s (best at "
+          f"epoch {result.best_epoch}), test accuracy {result.test_accuracy:.4f}")  # fmt: skip
+    print(f"   bundle: {bundle} ({', '.join(sorted(p.name for p in bundle.iterdir()))})")
