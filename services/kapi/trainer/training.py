@@ -239,16 +239,22 @@ def _train_epoch(
     order = torch.randperm(len(y), generator=shuffle).to(x.device)
     num_classes = splits.num_classes
     total = torch.zeros((), device=x.device)
+    seen = 0
     for start in range(0, len(y), config.batch_size):
         chosen = order[start : start + config.batch_size]
+        if len(chosen) == 1 and len(y) > 1:
+            bar.update()
+            continue  # a last batch of one: batch norm cannot train on it (the next epoch's
+            # shuffle puts that sample elsewhere)
         images, targets = augmenter(x[chosen], y[chosen], num_classes)
         loss = nn.functional.cross_entropy(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         optimizer.step()
         total += loss.detach() * len(chosen)
+        seen += len(chosen)
         bar.update()
-    return float(total) / len(y)
+    return float(total) / max(seen, 1)
 
 
 def _load_splits(dataset: Dataset, device: torch.device) -> _Splits:

@@ -106,6 +106,16 @@ def test_resuming_needs_a_checkpoint_of_the_same_run(store: DatasetStore, tmp_pa
         train(_config(epochs=2, lr=0.01), store, tmp_path, progress=False, resume=True)
 
 
+def test_a_last_batch_of_one_does_not_stop_a_batch_norm_model(
+    store: DatasetStore, tmp_path: Path
+) -> None:
+    """1,437 training digits in batches of 1,436 leave one: mobilenet_v2 on 8x8 reaches 1x1
+    before a batch norm, which cannot train on one sample."""
+    config = _config(model="mobilenet_v2", width=0.25, epochs=1, batch_size=1436)
+    result = train(config, store, tmp_path / "run", progress=False)
+    assert len(result.history) == 1
+
+
 def test_an_unknown_architecture_is_refused_with_the_zoo(
     store: DatasetStore, tmp_path: Path
 ) -> None:
