@@ -271,6 +271,13 @@ def test_labels_and_samples_of_the_wrong_shape_are_refused() -> None:
         Samples(x, np.array([0, 1, 0, 1]), ["a", "b", "c"]).check()
 
 
+def test_images_that_are_not_eight_bit_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="images are 8-bit"):
+        Samples(
+            np.zeros((4, 3, 3, 1), dtype=np.float32), np.array([0, 1, 0, 1]), ["a", "b"]
+        ).check()
+
+
 def test_channels_first_arrays_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "nchw.npz"
     np.savez(path, x=np.zeros((4, 1, 16, 16), dtype=np.uint8), y=np.array([0, 1, 0, 1]))

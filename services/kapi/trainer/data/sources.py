@@ -51,6 +51,11 @@ class Samples:
             )
         if len(self.x) != len(self.y):
             raise InvalidArgument(f"{len(self.x)} samples but {len(self.y)} labels")
+        if self.x.ndim == 4 and self.x.dtype != np.uint8:
+            raise InvalidArgument(
+                f"images are 8-bit, [N, H, W, C] uint8; these are {self.x.dtype} (scale them "
+                "to 0-255 and cast, or give them as rows)"
+            )
         if self.x.ndim == 2 and self.x.shape[1] == 0:
             raise InvalidArgument("the rows have no features")
         if np.issubdtype(self.x.dtype, np.floating) and not np.isfinite(self.x).all():
