@@ -132,7 +132,7 @@ class Follower:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self._read_state()
         try:
-            self.cursor = await asyncio.to_thread(self._latest_cursor)
+            self.cursor = await asyncio.to_thread(self.client.cursor)
         except Unavailable as exc:
             log.warning(
                 "repository unreachable at start: serving from the cache",
@@ -149,7 +149,7 @@ class Follower:
         while True:
             try:
                 if self.cursor is None:  # the repository was down at start: catch up now
-                    self.cursor = await asyncio.to_thread(self._latest_cursor)
+                    self.cursor = await asyncio.to_thread(self.client.cursor)
                     for target in self.targets:
                         await self.sync(target)
                 async for event in self._events():
@@ -294,10 +294,6 @@ class Follower:
         with contextlib.suppress(KapiError):  # logged by the load; the index shows it
             await self.repository.load(target.model)
             self.version.labels(target.model).set(serving.version)
-
-    def _latest_cursor(self) -> int:
-        cursor: int = self.client.cursor()
-        return cursor
 
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         """The watch stream's events after the cursor, as dicts."""

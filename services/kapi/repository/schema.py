@@ -113,6 +113,12 @@ class Variant(Base):
 
     version: Mapped[Version] = relationship(back_populates="variants")
 
+    @property
+    def verified(self) -> bool:
+        """A passing verification report for this very artifact's digest."""
+        report = self.report
+        return bool(report and report.get("passed") is True and report.get("digest") == self.digest)
+
 
 class Alias(Base):
     __tablename__ = "aliases"

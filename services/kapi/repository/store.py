@@ -366,9 +366,7 @@ class MetadataStore:
                 rank = can_run(profiles, variant.profile, variant.runtime)
                 if rank is None or variant.runtime not in runtimes:
                     continue
-                ranked.append(
-                    (not _is_verified(variant), _latency(variant, profiles), rank, variant.id)
-                )
+                ranked.append((not variant.verified, _latency(variant, profiles), rank, variant.id))
             if not ranked:
                 raise NotFound(
                     f"model '{name}@{ref}' (version {version.number}) has no variant for "
@@ -490,13 +488,8 @@ def _check_expected(name: str, alias: str, expected: int | None, before: int | N
     )
 
 
-def _is_verified(variant: Variant) -> bool:
-    report = variant.report
-    return bool(report and report.get("passed") is True and report.get("digest") == variant.digest)
-
-
 def _verified(version: Version) -> bool:
-    return any(_is_verified(v) for v in version.variants)
+    return any(v.verified for v in version.variants)
 
 
 def _latency(variant: Variant, profiles: Sequence[str]) -> float:
@@ -555,29 +548,8 @@ def _version_out(session: Session, model: Model, version: Version) -> ent.Versio
 
 
 def _variant_out(variant: Variant) -> ent.VariantOut:
-    return ent.VariantOut(
-        runtime=variant.runtime,
-        precision=variant.precision,
-        profile=variant.profile,
-        digest=variant.digest,
-        size=variant.size,
-        format=variant.format,  # type: ignore[arg-type]
-        filename=variant.filename,
-        benchmarks=variant.benchmarks,
-        report=variant.report,
-        verified=_is_verified(variant),
-        created_at=variant.created_at,
-        created_by=variant.created_by,
-    )
+    return ent.VariantOut.model_validate(variant, from_attributes=True)
 
 
 def _event_out(row: Event) -> ent.EventOut:
-    return ent.EventOut(
-        id=row.id,
-        at=row.at,
-        actor=row.actor,
-        kind=row.kind,
-        model=row.model,
-        version=row.version,
-        detail=row.detail,
-    )
+    return ent.EventOut.model_validate(row, from_attributes=True)

@@ -34,8 +34,6 @@ from kapi.trainer.data.store import Dataset, DatasetStore
 
 CHECKPOINT = ".checkpoint.pt"
 EVAL_BATCH = 1024
-# Architectures whose stem depends on the input's side; they are built with input_size.
-SIZED_MODELS = frozenset({"resnet18"})
 # An epoch's augmenter is seeded apart from the others': seed * stride + epoch.
 EPOCH_SEED_STRIDE = 65_537
 # What may differ between a checkpoint's run and the run that resumes it.
@@ -167,7 +165,8 @@ def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
             f"dataset '{dataset.name}' holds rows of {shape[0]} features; the zoo's models "
             "take images"
         )
-    extra = {"input_size": max(shape[1:])} if config.model in SIZED_MODELS else {}
+    # A model whose stem depends on the input's side (resnet18) takes its size.
+    extra = {"input_size": max(shape[1:])} if "input_size" in models.options(config.model) else {}
     return models.build(
         config.model,
         in_channels=shape[0],

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from kapi.core.errors import AlreadyExists, InvalidArgument
-from kapi.trainer.models import build, names, register
+from kapi.trainer.models import build, names, options, register
 from kapi.trainer.models._layers import DropPath, make_divisible, scale_repeats
 from torch import nn
 
@@ -202,3 +202,11 @@ def test_model_specific_arguments_are_checked(name: str, arguments: dict[str, An
 def test_a_name_registers_once() -> None:
     with pytest.raises(AlreadyExists, match="resnet18"):
         register("resnet18")(nn.Identity)
+
+
+def test_the_zoo_says_which_options_a_model_takes() -> None:
+    assert "input_size" in options("resnet18")
+    assert "input_size" not in options("small_cnn")
+    assert "width" not in options("mobilenet_v2")  # a common one, not an option
+    with pytest.raises(InvalidArgument, match="unknown model 'nope'"):
+        options("nope")

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the image
 # Importing an architecture's module registers it.
 from kapi.trainer.models._efficientnet_b0 import EfficientNetB0
 from kapi.trainer.models._mobilenet_v2 import MobileNetV2
-from kapi.trainer.models._registry import build, names, register
+from kapi.trainer.models._registry import build, names, options, register
 from kapi.trainer.models._resnet18 import ResNet18
 from kapi.trainer.models._small_cnn import SmallCNN
 
@@ -27,5 +27,6 @@ __all__ = [
     "SmallCNN",
     "build",
     "names",
+    "options",
     "register",
 ]

@@ -34,6 +34,19 @@ def names() -> list[str]:
     return sorted(_FACTORIES)
 
 
+def options(name: str) -> set[str]:
+    """The keywords `name` takes besides the common ones (`input_size`, `dropout`, ...)."""
+    common = {"in_channels", "num_classes", "width", "depth"}
+    return set(inspect.signature(_factory(name)).parameters) - common
+
+
+def _factory(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _FACTORIES[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown model '{name}', expected one of {names()}") from None
+
+
 def build(
     name: str,
     *,
@@ -45,10 +58,7 @@ def build(
 ) -> nn.Module:
     """A freshly initialized `name` for `in_channels`-channel images of any size and
     `num_classes` classes; `width` scales channels and `depth` scales blocks per stage."""
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown model '{name}', expected one of {names()}") from None
+    factory = _factory(name)
     _check_sizes(name, in_channels=in_channels, num_classes=num_classes)
     _check_multipliers(name, width=width, depth=depth)
     arguments = {"in_channels": in_channels, "num_classes": num_classes, "width": width}
