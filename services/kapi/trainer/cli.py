@@ -64,6 +64,7 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--depth", type=float, help="block multiplier")
     train.add_argument("--seed", type=int)
     train.add_argument("--patience", type=int, help="epochs without a better val accuracy")
+    train.add_argument("--train-samples", type=int, help="a stratified subset of train")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, help="torch threads (default: every core)")
     train.add_argument("--out", type=Path, help="default: ./kapi-runs/DATASET-MODEL")
@@ -204,6 +205,7 @@ _TRAIN_OPTIONS = (
     "depth",
     "seed",
     "patience",
+    "train_samples",
     "device",
     "threads",
 )

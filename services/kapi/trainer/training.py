@@ -57,6 +57,8 @@ class TrainConfig(BaseModel):
     weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1e-4
     seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
     patience: PositiveInt = 5  # epochs without a better val accuracy before stopping
+    # A stratified, seeded subset of the training split (HPO trials train on one); None: all.
+    train_samples: PositiveInt | None = None
     augment: AugmentConfig = AugmentConfig()
     device: str = "auto"  # cuda when there is one, else cpu; or a torch device name
     threads: PositiveInt | None = None  # torch's intra-op threads; None: every core
@@ -118,7 +120,7 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = build_model(config, dataset).to(device)
-    splits = _load_splits(dataset, device)
+    splits = _load_splits(dataset, device, config.train_samples, config.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -256,8 +258,12 @@ def _train_epoch(
     return float(total) / max(seen, 1)
 
 
-def _load_splits(dataset: Dataset, device: torch.device) -> _Splits:
+def _load_splits(
+    dataset: Dataset, device: torch.device, train_samples: int | None = None, seed: int = 0
+) -> _Splits:
     x_all, y_all, split = dataset.arrays()
+    if train_samples is not None:
+        split = _subset_train(split, y_all, train_samples, seed)
     preprocessing = dataset.preprocessing
     splits = _Splits({}, {}, len(dataset.classes))
     for which in ("train", "val", "test"):
@@ -269,6 +275,25 @@ def _load_splits(dataset: Dataset, device: torch.device) -> _Splits:
             f"dataset '{dataset.name}' needs train and val samples to train and stop early on"
         )
     return splits
+
+
+def _subset_train(
+    split: np.ndarray[Any, Any], y: np.ndarray[Any, Any], samples: int, seed: int
+) -> np.ndarray[Any, Any]:
+    """`split` with all but `samples` training samples (stratified, seeded) marked unused."""
+    train = np.flatnonzero(split == "train")
+    if samples >= len(train):
+        return split
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, _ = train_test_split(train, train_size=samples, random_state=seed, stratify=y[train])
+    except ValueError as exc:  # fewer samples than classes
+        raise InvalidArgument(f"train_samples {samples}: {exc}") from exc
+    subset = split.copy()
+    subset[train] = "unused"
+    subset[np.asarray(kept)] = "train"
+    return subset
 
 
 def _input_shape(dataset: Dataset) -> list[int]:

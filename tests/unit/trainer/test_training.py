@@ -15,6 +15,7 @@ import pytest
 import torch
 from kapi.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from kapi.repository.entities import Signature
+from kapi.trainer import training
 from kapi.trainer.bundle import write_bundle
 from kapi.trainer.data.sources import open_source
 from kapi.trainer.data.store import DatasetStore
@@ -206,3 +207,24 @@ def test_kapi_train_errors_in_one_line(store: DatasetStore, tmp_path: Path) -> N
     assert done.returncode == 1
     assert done.stderr.startswith("kapi train: error: unknown model 'no_such_net'")
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_train_samples_trains_on_a_stratified_subset(store: DatasetStore, tmp_path: Path) -> None:
+    dataset = store.get("digits")
+    _, _, split = dataset.arrays()
+    config = TrainConfig(dataset="digits", model="small_cnn", epochs=1, train_samples=200)
+    splits = training._load_splits(dataset, torch.device("cpu"), 200, 0)
+    assert len(splits.y["train"]) == 200
+    assert len(splits.y["val"]) == int((split == "val").sum())  # val and test stay whole
+    assert len(splits.y["test"]) == int((split == "test").sum())
+    counts = np.bincount(splits.y["train"].numpy(), minlength=10)
+    assert counts.min() >= 18  # every class in its share
+    assert counts.max() <= 22
+    again = training._load_splits(dataset, torch.device("cpu"), 200, 0)
+    assert torch.equal(splits.x["train"], again.x["train"])  # seeded
+    other = training._load_splits(dataset, torch.device("cpu"), 200, 1)
+    assert not torch.equal(splits.x["train"], other.x["train"])
+    result = train(config, store, tmp_path / "run", progress=False)
+    assert result.history[0].samples_per_second > 0
+    with pytest.raises(InvalidArgument, match="train_samples 3"):
+        train(config.model_copy(update={"train_samples": 3}), store, tmp_path / "x", False)
