@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository clean
+.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository bench-trainer clean
 
 install: $(VENV)/.installed datasets
 
@@ -52,6 +52,9 @@ bench: install
 
 bench-repository: install
 	$(PY) bench/repository.py
+
+bench-trainer: install
+	$(PY) bench/trainer.py
 
 clean:
 	rm -rf $(VENV) bench/results .pytest_cache .mypy_cache .ruff_cache
