@@ -44,10 +44,15 @@ def add_commands(commands: Any) -> None:
     push = commands.add_parser("push", help="upload an artifact as a new version or variant")
     _client_args(push)
     push.add_argument("model")
-    push.add_argument("artifact", type=Path, help="a model file, or a directory (sent as tar)")
-    push.add_argument("--runtime", required=True, choices=ent.RUNTIMES)
+    push.add_argument(
+        "artifact",
+        type=Path,
+        help="a model file, a directory (sent as tar), or a kapi train bundle (with no "
+        "--runtime: a new version from its ONNX model, lineage and metrics)",
+    )
+    push.add_argument("--runtime", choices=ent.RUNTIMES, help="required but for a bundle")
     push.add_argument("--precision", default="fp32", choices=ent.PRECISIONS)
-    push.add_argument("--profile", required=True, help="the target hardware profile")
+    push.add_argument("--profile", help="the target hardware profile (required but for a bundle)")
     push.add_argument("--version", type=int, help="add the variant to this version")
     push.add_argument("--filename", help="its name in the version directory")
     push.add_argument("--signature", type=Path, help="JSON: {inputs, outputs, max_batch_size}")
@@ -119,6 +124,11 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
+    if args.runtime is None and args.profile is None and (args.artifact / "lineage.json").is_file():
+        _push_bundle(args)
+        return
+    if args.runtime is None or args.profile is None:
+        raise InvalidArgument("--runtime and --profile are required (but for a kapi bundle)")
     key = (args.runtime, args.precision, args.profile)
     if args.version is not None and (args.lineage or args.metrics):
         raise InvalidArgument(
@@ -169,6 +179,39 @@ def _push(args: argparse.Namespace) -> None:
         {"model": args.model, "version": number, **variant.model_dump(mode="json")},
         [("model", args.model), ("version", number), ("variant", "/".join(key)),
          ("digest", variant.digest), ("size", variant.size), ("verified", variant.verified)],
+    )  # fmt: skip
+
+
+def _push_bundle(args: argparse.Namespace) -> None:
+    from kapi.trainer.push import push_bundle
+
+    given = [
+        flag
+        for flag, value in (
+            ("--version", args.version),
+            ("--filename", args.filename),
+            ("--signature", args.signature),
+            ("--lineage", args.lineage),
+            ("--metrics", args.metrics),
+            ("--description", args.description),
+        )
+        if value
+    ]
+    if given:
+        raise InvalidArgument(f"a bundle says these itself: drop {', '.join(given)}")
+    with _client(args) as client:
+        number, variant = push_bundle(
+            client, args.model, args.artifact, requirements=_requirements(args.requirements)
+        )
+        if args.report:
+            key = (variant.runtime, variant.precision, variant.profile)
+            variant = client.set_report(args.model, number, key, _json(args.report))
+    _print(
+        args,
+        {"model": args.model, "version": number, **variant.model_dump(mode="json")},
+        [("model", args.model), ("version", number),
+         ("variant", f"{variant.runtime}/{variant.precision}/{variant.profile}"),
+         ("digest", variant.digest), ("size", variant.size)],
     )  # fmt: skip
 
 
