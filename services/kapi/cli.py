@@ -104,9 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     node.set_defaults(handler=_node)
     from kapi.repository.cli import add_commands
     from kapi.trainer.cli import add_commands as add_data_commands
+    from kapi.trainer.service.cli import add_commands as add_trainer_commands
 
     add_commands(commands)
     add_data_commands(commands)
+    add_trainer_commands(commands)
     return parser
 
 

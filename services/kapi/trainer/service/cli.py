@@ -1,0 +1,42 @@
+"""`kapi trainer serve`: the trainer's job service."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_commands(commands: Any) -> None:
+    trainer = commands.add_parser("trainer", help="the trainer's job service")
+    actions = trainer.add_subparsers(dest="action", required=True)
+    serve = actions.add_parser("serve", help="serve the job API (REST; OpenAPI at /docs)")
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="default 8080")
+    serve.add_argument("--data", help="job records, logs and outputs (DATA/jobs/ID)")
+    serve.add_argument("--root", help="the datasets' root jobs use (default DATA/datasets)")
+    serve.add_argument("--executor", choices=["local", "kubernetes"], help="default local")
+    serve.add_argument("--concurrency", type=int, help="local: jobs that run at once (1)")
+    serve.add_argument(
+        "--cancel-grace", dest="cancel_grace_s", type=float, help="local: SIGTERM to SIGKILL, s"
+    )
+    serve.add_argument("--namespace", help="kubernetes: the Jobs' namespace")
+    serve.add_argument("--image", help="kubernetes: the image jobs run (its `kapi` command)")
+    serve.add_argument("--pvc", help="kubernetes: the volume claim mounted at DATA")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from kapi.core.logging import configure_logging
+    from kapi.trainer.service.server import serve
+    from kapi.trainer.service.settings import TrainerServiceSettings
+
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in {"command", "action", "handler"} and value is not None
+    }
+    settings = TrainerServiceSettings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    serve(settings)
