@@ -209,6 +209,32 @@ def test_a_train_job_writes_its_bundle_in_its_folder(
     assert f"bundle {bundle}" in text
 
 
+def test_an_hpo_job_writes_its_front_and_chosen_bundle(
+    digits: dict[str, Any], api: httpx.Client, service: RunningService
+) -> None:
+    from kapi.core.hardware import detect_profiles
+
+    here = next(p for p in detect_profiles() if p.startswith("cpu-"))
+    requirements = {
+        "model": "digits",
+        "task": "classification",
+        "targets": [{"profile": here, "latency_p95_ms": 50}],
+    }
+    job = submit(
+        api, kind="hpo", dataset="digits", requirements=requirements, trials=2, epochs=1,
+        models=["small_cnn"], widths=[0.25], threads=1,
+    )  # fmt: skip
+    ended = wait_until(api, job["id"])
+    assert ended["state"] == "succeeded", (ended, logs(api, job["id"]))
+    folder = service.data / "jobs" / job["id"]
+    assert Path(ended["result"]) == folder / "bundle"
+    assert json.loads((folder / "requirements.json").read_text()) == requirements
+    assert len(json.loads((folder / "trials.json").read_text())) == 2
+    lineage = json.loads((folder / "bundle" / "lineage.json").read_text())
+    assert lineage["hpo"]["study"] == "hpo-digits"
+    assert "Pareto front" in logs(api, job["id"])
+
+
 def test_a_followed_log_streams_while_the_job_runs_and_ends_with_it(
     digits: dict[str, Any], api: httpx.Client, service: RunningService
 ) -> None:
@@ -302,6 +328,16 @@ def test_an_unknown_job_is_404(api: httpx.Client) -> None:
         ({"kind": "train", "dataset": "Digits!", "model": "small_cnn"}, "dataset"),
         ({"kind": "ingest", "source": "sklearn-digits", "name": "d", "val": 1.5}, "val"),
         ({"kind": "shell", "command": "rm -rf /"}, "body"),
+        ({"kind": "hpo", "dataset": "digits", "requirements": {"model": "d"}}, "requirements"),
+        (
+            {
+                "kind": "hpo",
+                "dataset": "digits",
+                "model": "small_cnn",
+                "requirements": {"model": "d", "task": "classification"},
+            },
+            "model",
+        ),
         ({"dataset": "digits", "model": "small_cnn"}, "body"),
     ],
 )

@@ -37,15 +37,22 @@ CHECK_SAMPLES = 8
 TOLERANCE = 1e-4  # onnxruntime against torch, absolute, on the logits
 
 
-def write_bundle(result: Result, dataset: Dataset, config: TrainConfig, target: Path) -> Path:
-    """The bundle at `target`, which must not exist yet."""
+def write_bundle(
+    result: Result,
+    dataset: Dataset,
+    config: TrainConfig,
+    target: Path,
+    *,
+    hpo: dict[str, Any] | None = None,
+) -> Path:
+    """The bundle at `target`, which must not exist yet; `hpo` names the study and trial."""
     if target.exists():
         raise AlreadyExists(f"{target} exists already; a bundle is written only once")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would hide the bundle from a serving user
-        _write(result, dataset, config, staging)
+        _write(result, dataset, config, staging, hpo)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -53,7 +60,13 @@ def write_bundle(result: Result, dataset: Dataset, config: TrainConfig, target: 
     return target
 
 
-def _write(result: Result, dataset: Dataset, config: TrainConfig, folder: Path) -> None:
+def _write(
+    result: Result,
+    dataset: Dataset,
+    config: TrainConfig,
+    folder: Path,
+    hpo: dict[str, Any] | None,
+) -> None:
     model = copy.deepcopy(result.model).cpu().eval()
     export_onnx(model, result.input_shape, folder / "model.onnx")
     check_onnx(model, folder / "model.onnx", _check_inputs(dataset))
@@ -61,7 +74,7 @@ def _write(result: Result, dataset: Dataset, config: TrainConfig, folder: Path) 
     _write_json(folder / "preprocessing.json", dataset.preprocessing.model_dump(mode="json"))
     (folder / "labels.txt").write_text("".join(f"{name}\n" for name in dataset.classes))
     _write_json(folder / "metrics.json", _metrics(result))
-    _write_json(folder / "lineage.json", _lineage(dataset, config))
+    _write_json(folder / "lineage.json", _lineage(dataset, config, hpo))
     torch.save(model.state_dict(), folder / "state_dict.pt")
 
 
@@ -142,14 +155,14 @@ def _metrics(result: Result) -> dict[str, Any]:
     }
 
 
-def _lineage(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
+def _lineage(dataset: Dataset, config: TrainConfig, hpo: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "dataset": {"name": dataset.name, "digest": dataset.digest},
         "config": config.model_dump(mode="json"),
         "seed": config.seed,
         "code_version": code_version(),
         "torch_version": torch.__version__,
-        "hpo": None,
+        "hpo": hpo,
     }
 
 

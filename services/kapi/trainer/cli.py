@@ -55,7 +55,7 @@ def _add_train(commands: Any) -> None:
     train = commands.add_parser("train", help="train a zoo model on a dataset, write its bundle")
     train.add_argument("--dataset", required=True, help="a stored dataset's name")
     train.add_argument("--version", help="a digest or its first hex digits (default: latest)")
-    train.add_argument("--model", required=True, help="a zoo architecture, e.g. small_cnn")
+    train.add_argument("--model", help="a zoo architecture, e.g. small_cnn (not with --hpo)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float, help="AdamW's learning rate")
@@ -70,6 +70,9 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--out", type=Path, help="default: ./kapi-runs/DATASET-MODEL")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from kapi.trainer.hpo.cli import add_arguments as add_hpo_arguments
+
+    add_hpo_arguments(train)
     _common(train)
     train.set_defaults(handler=_train)
 
@@ -149,6 +152,13 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if args.hpo:
+        from kapi.trainer.hpo.cli import run
+
+        run(args, _store(args))
+        return
+    if args.model is None:
+        raise InvalidArgument("--model is required (or --hpo, which searches the zoo)")
     from kapi.core.errors import AlreadyExists
     from kapi.trainer.bundle import write_bundle
     from kapi.trainer.training import EpochMetrics, TrainConfig, train

@@ -76,6 +76,8 @@ class Executor(ABC):
             created_at=now(),
         )
         await self.store.save(job)
+        for name, text in spec.files().items():
+            (self.place(job_id).out / name).write_text(text)
         log.info("job submitted", extra={"job": job.id, "kind": job.kind})
         await self._launch(job)
         return job

@@ -11,13 +11,14 @@ service alone decides (`--root`, `--out`). Adding a kind is a class and one line
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -98,6 +99,10 @@ class BaseJob(BaseModel):
         """Where a successful run left its result (None: it left none)."""
         return None
 
+    def files(self) -> dict[str, str]:
+        """Files the command reads, written into the job's folder before it runs."""
+        return {}
+
 
 def _option(name: str, value: Any) -> list[str]:
     flag = "--" + name.replace("_", "-")
@@ -111,10 +116,9 @@ def _option(name: str, value: Any) -> list[str]:
 
 
 class TrainOptions(BaseJob):
-    """The options of `kapi train` that a search shares (an "hpo" kind would add its own,
-    with `command = ("train", "--hpo")`)."""
+    """The options of `kapi train` that one run and a search (the "hpo" kind) share."""
 
-    command = ("train",)
+    command: ClassVar[tuple[str, ...]] = ("train",)
 
     dataset: DatasetName
     version: Annotated[str, Field(pattern=r"^(sha256:)?[0-9a-f]{1,64}$")] | None = None
@@ -153,6 +157,64 @@ class TrainJob(TrainOptions):
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
+def _requirements(document: dict[str, Any]) -> dict[str, Any]:
+    from kapi.core.errors import InvalidArgument
+    from kapi.core.requirements import parse_requirements
+
+    try:
+        parse_requirements(document)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from exc
+    return document
+
+
+Grid = Annotated[list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]], Field(min_length=1)]
+
+
+class HpoJob(TrainOptions):
+    """`kapi train --hpo`: a study, its front and its chosen bundle in the job's folder. The
+    requirements spec comes inline, as a document, and is written beside the job."""
+
+    command = ("train", "--hpo")
+    not_options = BaseJob.not_options | {"requirements"}
+
+    kind: Literal["hpo"]
+    requirements: Annotated[dict[str, Any], AfterValidator(_requirements)]
+    trials: Positive | None = None
+    study: DatasetName | None = None
+    storage: Annotated[str, Field(pattern=r"^[a-z0-9+]+://")] | None = None
+    profile: Annotated[str, Field(pattern=r"^[a-z0-9-]+$")] | None = None
+    runtime: Literal["onnxruntime", "openvino"] | None = None
+    models: (
+        Annotated[list[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]], Field(min_length=1)] | None
+    ) = None
+    widths: Grid | None = None
+    depths: Grid | None = None
+    batch_sizes: Annotated[list[Positive], Field(min_length=1)] | None = None
+    objectives: (
+        Annotated[
+            list[Literal["accuracy", "latency", "weights", "memory", "energy"]], Field(min_length=1)
+        ]
+        | None
+    ) = None
+    sampler: Literal["nsga2", "tpe"] | None = None
+    population: Positive | None = None
+    workers: Positive | None = None
+    no_prune: bool = False
+    choose: Literal["most-accurate", "fastest", "smallest"] | None = None
+
+    def service_options(self, place: JobPlace) -> list[str]:
+        spec = place.out / "requirements.json"
+        return [*super().service_options(place), f"--requirements={spec}"]
+
+    def files(self) -> dict[str, str]:
+        return {"requirements.json": json.dumps(self.requirements, indent=2)}
+
+    def staging(self, place: JobPlace) -> list[Staging]:
+        # the chosen bundle's swap (kapi.trainer.hpo.study), and each trial's bundle
+        return [Staging(place.out, ".bundle-*"), Staging(place.out, "trials/*/.bundle-*")]
+
+
 class IngestJob(BaseJob):
     """`kapi data ingest`: a version of a dataset under the service's root."""
 
@@ -183,7 +245,7 @@ class IngestJob(BaseJob):
         return found[0] if len(found) == 1 else None
 
 
-JobSpec = Annotated[TrainJob | IngestJob, Field(discriminator="kind")]
+JobSpec = Annotated[TrainJob | HpoJob | IngestJob, Field(discriminator="kind")]
 
 
 class JobRecord(BaseModel):
