@@ -66,10 +66,11 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--patience", type=int, help="epochs without a better val accuracy")
     train.add_argument("--train-samples", type=int, help="a stratified subset of train")
     train.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    train.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    train.add_argument("--threads", type=int, help="torch threads (default: cores / processes)")
     train.add_argument("--out", type=Path, help="default: ./kapi-runs/DATASET-MODEL")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--nproc", type=int, help="data-parallel processes, started by torchrun")
     from kapi.trainer.hpo.cli import add_arguments as add_hpo_arguments
 
     add_hpo_arguments(train)
@@ -161,7 +162,8 @@ def _train(args: argparse.Namespace) -> None:
         raise InvalidArgument("--model is required (or --hpo, which searches the zoo)")
     from kapi.core.errors import AlreadyExists
     from kapi.trainer.bundle import write_bundle
-    from kapi.trainer.training import EpochMetrics, TrainConfig, train
+    from kapi.trainer.distributed import World, relaunch
+    from kapi.trainer.training import EpochMetrics, TrainConfig, train, validate
 
     given = {
         "dataset_version": args.version,
@@ -176,6 +178,14 @@ def _train(args: argparse.Namespace) -> None:
     target = out / "bundle"
     if target.exists():
         raise AlreadyExists(f"{target} exists already; choose another --out")
+    world = World.from_environment()
+    if args.nproc is not None:  # this command again, under torchrun
+        if world.size > 1:
+            raise InvalidArgument("--nproc starts torchrun; under torchrun, leave it out")
+        processes = World.on_this_machine(args.nproc)
+        validate(config, _store(args), processes)
+        options = {k: v for k, v in vars(args).items() if k not in {"command", "handler", "nproc"}}
+        relaunch(args.nproc, "train", options, processes.threads(config.threads))
 
     def report(metrics: EpochMetrics) -> None:
         print(
@@ -193,7 +203,10 @@ def _train(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         resume=args.resume,
         on_epoch=None if args.json else report,
+        world=world,
     )
+    if not world.is_main:
+        return  # rank 0 writes the bundle and reports
     dataset = store.get(config.dataset, config.dataset_version)
     bundle = write_bundle(result, dataset, config, target)
     if args.json:

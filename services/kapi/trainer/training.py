@@ -9,6 +9,13 @@ loss is cross entropy against them.
 The checkpoint, `out_dir/.checkpoint.pt`, holds everything the next epoch depends on: the
 model, the optimizer, the best state so far, the history and the random states. Resuming from
 it gives the same result as a run that was never interrupted.
+
+Under torchrun (`distributed.py`) every process walks the same shuffle and takes its part of
+each global batch of `batch_size`; DistributedDataParallel averages the gradients. Batch
+norm's statistics are rank 0's before each evaluation, evaluation adds up every rank's share
+of the split, so each rank sees the same accuracy and takes the same early-stopping and
+best-state decisions (none stops while another goes on). Rank 0 alone reports and
+checkpoints, with every rank's random state.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from kapi.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from kapi.trainer import models
 from kapi.trainer.data.augment import AugmentConfig, Augmenter
 from kapi.trainer.data.store import Dataset, DatasetStore
+from kapi.trainer.distributed import SINGLE_PROCESS, World, joined
 
 CHECKPOINT = ".checkpoint.pt"
 EVAL_BATCH = 1024
@@ -104,6 +112,19 @@ class _Splits:
     num_classes: int
 
 
+@dataclass
+class _Run:
+    """What every epoch works with."""
+
+    config: TrainConfig
+    model: nn.Module  # the plain module: evaluated, checkpointed, returned
+    network: nn.Module  # what steps train: `model`, or it in DistributedDataParallel
+    optimizer: torch.optim.Optimizer
+    splits: _Splits
+    shuffle: torch.Generator  # the same on every rank
+    world: World
+
+
 def train(
     config: TrainConfig,
     store: DatasetStore,
@@ -112,33 +133,37 @@ def train(
     *,
     resume: bool = False,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    world: World | None = None,
 ) -> Result:
-    """Train `config.model` on `config.dataset`; `resume` continues from out_dir's checkpoint."""
+    """Train `config.model` on `config.dataset`; `resume` continues from out_dir's checkpoint.
+
+    In a distributed run (`world`, by default torchrun's, of more than one process) every
+    rank returns the same Result; only rank 0 shows progress, checkpoints and calls
+    `on_epoch`."""
+    world = world or World.from_environment()
+    world.check_batch_size(config.batch_size)  # refused before anything starts
     dataset = store.get(config.dataset, config.dataset_version)
-    device = resolve_device(config.device)
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    model = build_model(config, dataset).to(device)
-    splits = _load_splits(dataset, device, config.train_samples, config.seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    shuffle = torch.Generator().manual_seed(config.seed)
-    state = _State(best_state=_copy_state(model))
-    checkpoint = out_dir / CHECKPOINT
-    if resume:
-        state = _restore(checkpoint, config, dataset, model, optimizer, shuffle)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    while state.epoch < config.epochs and not state.stalled(config.patience):
-        state.epoch += 1
-        metrics = _run_epoch(model, optimizer, splits, config, shuffle, state.epoch, progress)
-        state.record(metrics, model)
-        _save(checkpoint, config, dataset, model, optimizer, shuffle, state)
-        if on_epoch is not None:
-            on_epoch(metrics)
-    model.load_state_dict(state.best_state)
-    _, test_accuracy = evaluate(model, splits.x["test"], splits.y["test"])
+    device = world.device(resolve_device(config.device))
+    with joined(world, device):
+        run = _start(config, dataset, device, world)
+        checkpoint = out_dir / CHECKPOINT
+        state = _State(best_state=_copy_state(run.model))
+        if resume:
+            state = _restore(checkpoint, run, dataset)
+        run.network = world.wrap(run.model, device)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        while state.epoch < config.epochs and not state.stalled(config.patience):
+            state.epoch += 1
+            metrics = _run_epoch(run, state.epoch, progress and world.is_main)
+            state.record(metrics, run.model)
+            random_states = world.gather(_rng_states(run.shuffle))
+            if world.is_main:
+                _save(checkpoint, run, dataset, state, random_states)
+            if world.is_main and on_epoch is not None:
+                on_epoch(metrics)
+        model, splits = run.model, run.splits
+        model.load_state_dict(state.best_state)
+        _, test_accuracy = evaluate(model, splits.x["test"], splits.y["test"], world)
     return Result(
         model=model.cpu().eval(),
         history=state.history,
@@ -150,6 +175,29 @@ def train(
         num_classes=splits.num_classes,
         device=str(device),
     )
+
+
+def validate(config: TrainConfig, store: DatasetStore, world: World) -> None:
+    """Refuse now what `train` in `world` would refuse as it starts (for a launcher: one
+    error, not one from every process it would start)."""
+    world.check_batch_size(config.batch_size)
+    world.device(resolve_device(config.device))
+    build_model(config, store.get(config.dataset, config.dataset_version))
+
+
+def _start(config: TrainConfig, dataset: Dataset, device: torch.device, world: World) -> _Run:
+    """The seeded model, the splits on `device`, the optimizer and the shuffle."""
+    torch.set_num_threads(world.threads(config.threads))
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    model = build_model(config, dataset).to(device)
+    world.reseed(config.seed)  # the same initial weights everywhere, but not the same dropout
+    splits = _load_splits(dataset, device, config.train_samples, config.seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    shuffle = torch.Generator().manual_seed(config.seed)
+    return _Run(config, model, model, optimizer, splits, shuffle, world)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,10 +227,15 @@ def build_model(config: TrainConfig, dataset: Dataset) -> nn.Module:
     )
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) in eval mode; (nan, nan) for an empty split."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, world: World = SINGLE_PROCESS
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) in eval mode; (nan, nan) for an empty split. In a
+    distributed run each rank scores its share and all get the sums."""
     if len(y) == 0:
         return float("nan"), float("nan")
+    samples = len(y)
+    x, y = world.share(x), world.share(y)
     model.eval()
     loss = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.int64)
@@ -192,19 +245,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
             labels = y[start : start + EVAL_BATCH]
             loss += nn.functional.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
-    return float(loss) / len(y), int(correct) / len(y)
+    world.sum(loss, correct)
+    return float(loss) / samples, int(correct) / samples
 
 
-def _run_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    splits: _Splits,
-    config: TrainConfig,
-    shuffle: torch.Generator,
-    epoch: int,
-    progress: bool,
-) -> EpochMetrics:
-    augmenter = Augmenter(config.augment, config.seed * EPOCH_SEED_STRIDE + epoch)
+def _run_epoch(run: _Run, epoch: int, progress: bool) -> EpochMetrics:
+    config, splits = run.config, run.splits
+    seed = run.world.seed(config.seed * EPOCH_SEED_STRIDE + epoch)
+    augmenter = Augmenter(config.augment, seed)
     started = time.perf_counter()
     bar = tqdm(
         total=-(-len(splits.y["train"]) // config.batch_size),
@@ -213,8 +261,9 @@ def _run_epoch(
         leave=False,
     )
     with bar:
-        train_loss = _train_epoch(model, optimizer, splits, config, augmenter, shuffle, bar)
-    val_loss, val_accuracy = evaluate(model, splits.x["val"], splits.y["val"])
+        train_loss = _train_epoch(run, augmenter, bar)
+    run.world.align_buffers(run.model)
+    val_loss, val_accuracy = evaluate(run.model, splits.x["val"], splits.y["val"], run.world)
     seconds = time.perf_counter() - started
     return EpochMetrics(
         epoch=epoch,
@@ -226,36 +275,32 @@ def _run_epoch(
     )
 
 
-def _train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    splits: _Splits,
-    config: TrainConfig,
-    augmenter: Augmenter,
-    shuffle: torch.Generator,
-    bar: tqdm,
-) -> float:
-    model.train()
-    x, y = splits.x["train"], splits.y["train"]
-    order = torch.randperm(len(y), generator=shuffle).to(x.device)
-    num_classes = splits.num_classes
+def _train_epoch(run: _Run, augmenter: Augmenter, bar: tqdm) -> float:
+    """One walk over the shuffled training split; the mean training loss (over all ranks)."""
+    run.network.train()
+    x, y = run.splits.x["train"], run.splits.y["train"]
+    order = torch.randperm(len(y), generator=run.shuffle).to(x.device)
+    batch_size, optimizer = run.config.batch_size, run.optimizer
     total = torch.zeros((), device=x.device)
-    seen = 0
-    for start in range(0, len(y), config.batch_size):
-        chosen = order[start : start + config.batch_size]
-        if len(chosen) == 1 and len(y) > 1:
+    seen = torch.zeros((), device=x.device, dtype=torch.int64)
+    for start in range(0, len(y), batch_size):
+        batch = order[start : start + batch_size]
+        smallest = len(batch) // run.world.size  # the smallest rank's part of it
+        if smallest == 0 or (smallest == 1 and len(y) > 1):
             bar.update()
             continue  # a last batch of one: batch norm cannot train on it (the next epoch's
-            # shuffle puts that sample elsewhere)
-        images, targets = augmenter(x[chosen], y[chosen], num_classes)
-        loss = nn.functional.cross_entropy(model(images), targets)
+            # shuffle puts that sample elsewhere); every rank skips it, or DDP would hang
+        chosen = run.world.share(batch)
+        images, targets = augmenter(x[chosen], y[chosen], run.splits.num_classes)
+        loss = nn.functional.cross_entropy(run.network(images), targets)
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         optimizer.step()
         total += loss.detach() * len(chosen)
         seen += len(chosen)
         bar.update()
-    return float(total) / max(seen, 1)
+    run.world.sum(total, seen)
+    return float(total) / max(int(seen), 1)
 
 
 def _load_splits(
@@ -326,40 +371,32 @@ class _State:
 
 
 def _save(
-    path: Path,
-    config: TrainConfig,
-    dataset: Dataset,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    shuffle: torch.Generator,
-    state: _State,
+    path: Path, run: _Run, dataset: Dataset, state: _State, random_states: list[dict[str, Any]]
 ) -> None:
-    """Written beside and renamed into place: a cancelled save leaves the last one whole."""
+    """Written beside and renamed into place: a cancelled save leaves the last one whole.
+    `random_states` are every rank's, in rank order."""
     checkpoint = {
-        "config": config.model_dump(mode="json"),
+        "config": run.config.model_dump(mode="json"),
         "dataset_digest": dataset.digest,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "epoch": state.epoch,
         "best_epoch": state.best_epoch,
         "best_val_accuracy": state.best_val_accuracy,
         "best_state": state.best_state,
         "history": [metrics.model_dump() for metrics in state.history],
-        "rng": _rng_states(shuffle),
+        "rng": random_states[0],
+        "rank_rngs": random_states[1:],  # ranks 1, 2, ... of a distributed run
     }
     temp = path.with_name(path.name + ".tmp")
     torch.save(checkpoint, temp)
     os.replace(temp, path)
 
 
-def _restore(
-    path: Path,
-    config: TrainConfig,
-    dataset: Dataset,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    shuffle: torch.Generator,
-) -> _State:
+def _restore(path: Path, run: _Run, dataset: Dataset) -> _State:
+    """Every rank reads the checkpoint (rank 0 overwrites it only after an epoch, which
+    every rank takes part in)."""
+    config = run.config
     if not path.is_file():
         raise NotFound(f"there is no checkpoint to resume from at {path}")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -372,9 +409,13 @@ def _restore(
             f"the checkpoint at {path} is of another run ({what} differ); only "
             f"{sorted(RESUMABLE)} may change on resume"
         )
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    _set_rng_states(checkpoint["rng"], shuffle)
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    random_states = [checkpoint["rng"], *checkpoint.get("rank_rngs", [])]
+    if run.world.rank < len(random_states):
+        _set_rng_states(random_states[run.world.rank], run.shuffle)
+    else:  # a rank the checkpoint's run did not have keeps its own stream (World.reseed)
+        run.shuffle.set_state(random_states[0]["shuffle"])
     return _State(
         best_state=checkpoint["best_state"],
         epoch=checkpoint["epoch"],
