@@ -21,9 +21,14 @@ from tests.support.registry import RunningRepository
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("data")
     DatasetStore(root).ingest("digits", open_source("sklearn-digits").load())
+    return root
+
+
+@pytest.fixture(scope="module")
+def bundle(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
     command = [str(KAPI), "train", "--dataset", "digits", "--model", "small_cnn", "--width"]
     command += ["0.25", "--epochs", "1", "--root", str(root), "--out", str(out), "--no-progress"]
@@ -108,3 +113,21 @@ def test_what_is_not_a_bundle_or_does_not_fit_is_refused(
     assert "exists with another signature" in done.stderr
     with RepositoryClient(repository.url, repository.admin_token) as client:
         assert client.versions("taken") == []  # nothing was created
+
+
+def test_kapi_train_push_trains_and_pushes_in_one_command(
+    root: Path, repository: RunningRepository, tmp_path: Path
+) -> None:
+    env = {**os.environ, "KAPI_TOKEN": repository.admin_token}
+    command = [str(KAPI), "train", "--dataset", "digits", "--model", "small_cnn", "--width"]
+    command += ["0.25", "--epochs", "1", "--root", str(root), "--out", str(tmp_path / "run")]
+    command += ["--no-progress", "--push", "trained", "--repository", repository.url, "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["pushed"]["model"] == "trained"
+    assert printed["pushed"]["version"] == 1
+    assert printed["pushed"]["digest"] == sha256_file(tmp_path / "run" / "bundle" / "model.onnx")
+    with RepositoryClient(repository.url, repository.admin_token) as client:
+        version = client.version("trained", 1)
+        assert version.metrics["test_accuracy"] == printed["test_accuracy"]

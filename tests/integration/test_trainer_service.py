@@ -333,6 +333,15 @@ def test_an_unknown_job_is_404(api: httpx.Client) -> None:
             {
                 "kind": "hpo",
                 "dataset": "digits",
+                "storage": "postgresql://kapi:s3cret@db/optuna",
+                "requirements": {"model": "d", "task": "classification"},
+            },
+            "storage",
+        ),
+        (
+            {
+                "kind": "hpo",
+                "dataset": "digits",
                 "model": "small_cnn",
                 "requirements": {"model": "d", "task": "classification"},
             },

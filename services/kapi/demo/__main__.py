@@ -3,7 +3,8 @@ tritonclient exactly as a Triton user would (gRPC and REST; classification, an e
 stateful sequence, shared memory, a load with overrides), show the node holding up against
 a broken model, a malformed request and SIGTERM under load; then push the CNN to a kapi
 model repository, serve it from there through `digits@production` and move the alias under
-traffic; and leave the repository on disk.
+traffic; ingest and analyze datasets, train the small CNN, run a short hardware-aware HPO
+study and push its chosen model; and leave the repository on disk.
 
 Needs the dev extra (torch, onnx, openvino, tritonclient).
 """
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     _registry.model_repository(root, registry)
     print(f"   its data, the node's cache and log, and the export stay in {registry}")
     kapi = Path(sys.executable).with_name("kapi")
-    _data.data_stage(root.parent / "demo-data")
-    print(f"11. the repository stays in {root}; serve it yourself with:")
+    _data.data_stage(root.parent / "demo-data", registry / "data")
+    print(f"12. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 

@@ -4,6 +4,8 @@ versions with a stratified split and training-split statistics, then analyzed.""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from kapi.trainer.data.sources import FASHION_MNIST, open_source
 from kapi.trainer.data.store import DatasetStore
 
 
-def data_stage(root: Path) -> None:
+def data_stage(root: Path, registry: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     store = DatasetStore(root)
     print(f"10. datasets in {root}: kapi data ingest, then kapi data analyze")
@@ -37,6 +39,7 @@ def data_stage(root: Path) -> None:
         for line in report.summary_lines():
             print(f"     {line}")
     train_stage(store, root)
+    hpo_stage(root, sources[-1][1], registry)
 
 
 def train_stage(store: DatasetStore, root: Path) -> None:
@@ -52,3 +55,41 @@ def train_stage(store: DatasetStore, root: Path) -> None:
     print(f"   {len(result.history)} epochs in {time.monotonic() - started:.1f} s (best at "
           f"epoch {result.best_epoch}), test accuracy {result.test_accuracy:.4f}")  # fmt: skip
     print(f"   bundle: {bundle} ({', '.join(sorted(p.name for p in bundle.iterdir()))})")
+
+
+def hpo_stage(root: Path, dataset: str, registry: Path) -> None:
+    """A short hardware-aware study with `kapi train --hpo`, its chosen bundle pushed to the
+    model repository with `kapi push`."""
+    from kapi.core.hardware import detect_profiles
+    from kapi.demo._registry import running_repository
+
+    here = next(p for p in detect_profiles() if p.startswith("cpu-"))
+    spec = root / "requirements.yaml"
+    spec.write_text(
+        f"model: {dataset}\ntask: classification\ntargets:\n"
+        f"  - profile: {here}\n    latency_p95_ms: 0.5\n"
+        "  - profile: mcu-cortex-m0\n    max_weights_kb: 250\n"
+    )
+    kapi = [sys.executable, "-m", "kapi.cli"]
+    command = [
+        "train", "--hpo", "--dataset", dataset, "--root", str(root), "--requirements", str(spec),
+        "--trials", "8", "--epochs", "2", "--train-samples", "3000", "--models",
+        "small_cnn,mobilenet_v2,efficientnet_b0", "--out", str(root / "hpo"),
+    ]  # fmt: skip
+    print(f"11. hardware-aware HPO, then the chosen model into the repository:\n"
+          f"   kapi {' '.join(command)}")  # fmt: skip
+    print(f"   (budgets: p95 under 0.5 ms on {here}, measured; weights under 250 KB on "
+          "mcu-cortex-m0, int8, estimated)")  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run([*kapi, *command], capture_output=True, text=True, check=True)
+    for line in done.stdout.splitlines():
+        print(f"     {line}")
+    print(f"   the study took {time.monotonic() - started:.0f} s")
+    with running_repository(registry) as (_, env):
+        pushed = subprocess.run(
+            [*kapi, "push", dataset, str(root / "hpo" / "bundle")],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        print(f"   kapi push {dataset} {root / 'hpo' / 'bundle'}:")
+        for line in pushed.stdout.splitlines():
+            print(f"     {line}")

@@ -4,12 +4,14 @@ traffic that the node follows without a failed request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +32,76 @@ def model_repository(root: Path, base: Path) -> None:
 
     shutil.rmtree(base, ignore_errors=True)
     data = base / "data"
+    print("9. the model repository: kapi repository serve --data DIR --port PORT")
+    node = None
+    with running_repository(data) as (url, env):
+        try:
+            files = base / "push"
+            files.mkdir(parents=True)
+            (files / "signature.json").write_text(json.dumps(SIGNATURE))
+            (files / "lineage.json").write_text(
+                json.dumps({"code_version": "demo", "dataset": "none: random weights"})
+            )
+            onnx_file = root / "digits_onnx" / "1" / "model.onnx"
+            _kapi(env, "push", "digits", str(onnx_file), "--runtime", "onnxruntime",
+                  "--profile", "cpu-x86_64", "--signature", str(files / "signature.json"),
+                  "--lineage", str(files / "lineage.json"),
+                  "--description", "demo CNN")  # fmt: skip
+            refused = _kapi(env, "promote", "digits", "1", check=False)
+            print(f"   promote without a verification report is refused: {refused.strip()}")
+            _kapi(env, "promote", "digits", "1", "--force", quiet=True)
+            print("   (no verifier yet: `--force` moves production, and the event log says so)")
+
+            node, grpc_port, node_log = _start_node(url, base / "node-cache")
+            import tritonclient.grpc as grpcclient
+
+            client = grpcclient.InferenceServerClient(f"{HOST}:{grpc_port}")
+            wait_ready(client, node)
+            profiles = [e for e in client.get_server_metadata().extensions if e.startswith("kapi-")]
+            print(f"   a node follows digits@production; it reports {', '.join(profiles)}")
+            print(f"   it answers from version {_infer(client)[0]}")
+
+            # Version 2: the ONNX model and its OpenVINO IR (a directory, sent as tar), each
+            # measured here, so that the repository can pick the faster one for this node.
+            _kapi(env, "push", "digits", str(onnx_file), "--runtime", "onnxruntime",
+                  "--profile", "cpu-x86_64", quiet=True)  # fmt: skip
+            _kapi(env, "push", "digits", str(root / "digits_openvino" / "1"), "--version", "2",
+                  "--runtime", "openvino", "--profile", "cpu-x86_64", quiet=True)  # fmt: skip
+            _record_benchmarks(url, data / "admin-token", root, profiles[0].split(":", 1)[1])
+            _kapi(env, "versions", "digits")
+            answers, failures, stop = _traffic(client)
+            moved = time.monotonic()
+            _kapi(env, "promote", "digits", "2", "--force", quiet=True)
+            while not answers or answers[-1][0] != "2":
+                time.sleep(0.01)
+            switched = time.monotonic() - moved
+            time.sleep(0.3)
+            stop.set()
+            print(f"   production moved to version 2 under traffic: the node served it "
+                  f"{switched:.2f} s after `kapi promote` started")  # fmt: skip
+            print(f"   {len(answers)} requests, {len(failures)} failed")
+            chosen = _serving_variant(node_log, 2)
+            print(f"   for its profiles it chose the faster variant: {chosen}")
+            export = base / "export"
+            _kapi(env, "repository", "export", "--alias", "production", str(export), quiet=True)
+            written = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
+            print(f"   kapi repository export --alias production: Triton's layout, {written}")
+        finally:
+            if node is not None and node.poll() is None:
+                node.terminate()
+                node.wait(30)
+
+
+@contextlib.contextmanager
+def running_repository(data: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """`kapi repository serve` on `data`: its URL, and an environment with its admin token."""
     port = free_port()
     url = f"http://{HOST}:{port}"
     serve = [
         sys.executable, "-m", "kapi.cli", "repository", "serve", "--host", HOST,
         "--port", str(port), "--data", str(data), "--log-level", "WARNING",
     ]  # fmt: skip
-    print(f"9. the model repository: kapi {' '.join(serve[3:])}")
     registry = subprocess.Popen(serve, stderr=subprocess.DEVNULL)
-    node = None
     try:
         _wait_http(f"{url}/healthz", registry)
         env = {
@@ -46,60 +109,11 @@ def model_repository(root: Path, base: Path) -> None:
             "KAPI_REPOSITORY_URL": url,
             "KAPI_TOKEN_FILE": str(data / "admin-token"),
         }
-        files = base / "push"
-        files.mkdir(parents=True)
-        (files / "signature.json").write_text(json.dumps(SIGNATURE))
-        (files / "lineage.json").write_text(
-            json.dumps({"code_version": "demo", "dataset": "none: random weights"})
-        )
-        onnx_file = root / "digits_onnx" / "1" / "model.onnx"
-        _kapi(env, "push", "digits", str(onnx_file), "--runtime", "onnxruntime",
-              "--profile", "cpu-x86_64", "--signature", str(files / "signature.json"),
-              "--lineage", str(files / "lineage.json"), "--description", "demo CNN")  # fmt: skip
-        refused = _kapi(env, "promote", "digits", "1", check=False)
-        print(f"   promote without a verification report is refused: {refused.strip()}")
-        _kapi(env, "promote", "digits", "1", "--force", quiet=True)
-        print("   (no verifier yet: `--force` moves production, and the event log says so)")
-
-        node, grpc_port, node_log = _start_node(url, base / "node-cache")
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(f"{HOST}:{grpc_port}")
-        wait_ready(client, node)
-        profiles = [e for e in client.get_server_metadata().extensions if e.startswith("kapi-")]
-        print(f"   a node follows digits@production; it reports {', '.join(profiles)}")
-        print(f"   it answers from version {_infer(client)[0]}")
-
-        # Version 2: the ONNX model and its OpenVINO IR (a directory, sent as tar), each
-        # measured here, so that the repository can pick the faster one for this node.
-        _kapi(env, "push", "digits", str(onnx_file), "--runtime", "onnxruntime",
-              "--profile", "cpu-x86_64", quiet=True)  # fmt: skip
-        _kapi(env, "push", "digits", str(root / "digits_openvino" / "1"), "--version", "2",
-              "--runtime", "openvino", "--profile", "cpu-x86_64", quiet=True)  # fmt: skip
-        _record_benchmarks(url, data / "admin-token", root, profiles[0].split(":", 1)[1])
-        _kapi(env, "versions", "digits")
-        answers, failures, stop = _traffic(client)
-        moved = time.monotonic()
-        _kapi(env, "promote", "digits", "2", "--force", quiet=True)
-        while not answers or answers[-1][0] != "2":
-            time.sleep(0.01)
-        switched = time.monotonic() - moved
-        time.sleep(0.3)
-        stop.set()
-        print(f"   production moved to version 2 under traffic: the node served it "
-              f"{switched:.2f} s after `kapi promote` started")  # fmt: skip
-        print(f"   {len(answers)} requests, {len(failures)} failed")
-        chosen = _serving_variant(node_log, 2)
-        print(f"   for its profiles it chose the faster variant: {chosen}")
-        export = base / "export"
-        _kapi(env, "repository", "export", "--alias", "production", str(export), quiet=True)
-        written = sorted(str(p.relative_to(export)) for p in export.rglob("*") if p.is_file())
-        print(f"   kapi repository export --alias production: Triton's layout, {written}")
+        yield url, env
     finally:
-        for process in (node, registry):
-            if process is not None and process.poll() is None:
-                process.terminate()
-                process.wait(30)
+        if registry.poll() is None:
+            registry.terminate()
+            registry.wait(30)
 
 
 def _kapi(env: dict[str, str], *args: str, check: bool = True, quiet: bool = False) -> str:

@@ -70,6 +70,9 @@ def _add_train(commands: Any) -> None:
     train.add_argument("--out", type=Path, help="default: ./kapi-runs/DATASET-MODEL")
     train.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--push", metavar="MODEL", help="push the bundle to the repository")
+    train.add_argument("--repository", help="with --push: URL (default $KAPI_REPOSITORY_URL)")
+    train.add_argument("--token", help="with --push: a token (default $KAPI_TOKEN)")
     train.add_argument("--nproc", type=int, help="data-parallel processes, started by torchrun")
     from kapi.trainer.hpo.cli import add_arguments as add_hpo_arguments
 
@@ -158,6 +161,9 @@ def _train(args: argparse.Namespace) -> None:
 
         run(args, _store(args))
         return
+    from kapi.trainer.hpo.cli import refuse_without_hpo
+
+    refuse_without_hpo(args)
     if args.model is None:
         raise InvalidArgument("--model is required (or --hpo, which searches the zoo)")
     from kapi.core.errors import AlreadyExists
@@ -211,12 +217,34 @@ def _train(args: argparse.Namespace) -> None:
     bundle = write_bundle(result, dataset, config, target)
     if args.json:
         metrics = json.loads((bundle / "metrics.json").read_text())
-        print(json.dumps({"bundle": str(bundle), **metrics}, indent=2))
+        print(json.dumps({"bundle": str(bundle), **metrics, **push(args, bundle)}, indent=2))
         return
     stopped = f" (stopped early after {len(result.history)})" if result.stopped_early else ""
     print(f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}{stopped}")
     print(f"test accuracy {result.test_accuracy:.4f}")
     print(f"bundle {bundle}")
+    push(args, bundle)
+
+
+def push(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
+    """With --push MODEL: the bundle as a new version of MODEL in the repository."""
+    if not args.push:
+        return {}
+    from kapi.repository.client import RepositoryClient
+    from kapi.trainer.push import push_bundle
+
+    requirements = None
+    if args.requirements is not None:
+        from kapi.core.requirements import load_requirements
+
+        requirements = load_requirements(args.requirements).model_dump(
+            mode="json", exclude_none=True
+        )
+    with RepositoryClient.from_env(args.repository, args.token) as client:
+        number, variant = push_bundle(client, args.push, bundle, requirements=requirements)
+    if not args.json:
+        print(f"pushed {args.push} version {number} to {client.url} ({variant.digest[:19]})")
+    return {"pushed": {"model": args.push, "version": number, "digest": variant.digest}}
 
 
 _TRAIN_OPTIONS = (

@@ -22,7 +22,8 @@ from kapi.trainer.data.sources import open_source
 from kapi.trainer.data.store import DatasetStore
 from kapi.trainer.hpo import cost
 from kapi.trainer.hpo.measure import measure, rapl_zones
-from kapi.trainer.hpo.study import HpoConfig, _below_median, load_config, run_hpo
+from kapi.trainer.hpo.study import HpoConfig, _below_median, _redact, load_config, run_hpo
+from sqlalchemy.engine import make_url
 
 from tests.support.node import KAPI
 
@@ -106,6 +107,9 @@ def test_the_front_holds_only_feasible_trials_and_the_chosen_bundle(study_run: A
 def test_infeasible_architectures_are_not_trained_and_never_on_the_front(study_run: Any) -> None:
     _, _, out = study_run
     records = json.loads((out / "trials.json").read_text())
+    weights = [next(t for t in r["targets"] if t["profile"] == "mcu-cortex-m0") for r in records]
+    assert any(w["weights_kb"] > 30 for w in weights)  # both branches below are taken
+    assert any(w["weights_kb"] <= 30 for w in weights)
     for record in records:
         mcu = next(t for t in record["targets"] if t["profile"] == "mcu-cortex-m0")
         over = mcu["weights_kb"] > 30
@@ -117,7 +121,7 @@ def test_infeasible_architectures_are_not_trained_and_never_on_the_front(study_r
             assert record["values"]["accuracy"] == 0.0
             assert "max_weights_kb@mcu-cortex-m0" in record["skipped"]
             assert not record["feasible"]
-            assert not (out / "trials" / f"{record['number']:04d}" / "bundle").exists()
+            assert not (out / "trials" / "s" / f"{record['number']:04d}" / "bundle").exists()
         else:  # trained, to the end or pruned on its accuracy
             assert record["state"] in {"complete", "pruned"}
             assert (record["state"] == "complete") == record["trained"]
@@ -134,12 +138,14 @@ def test_each_trial_is_measured_here_and_estimated_for_the_absent_target(study_r
         assert 0 < here["latency_p50_ms"] <= here["latency_p95_ms"]
         assert here["memory_mb"] > 0
         assert here["energy_source"] in {"estimated"} | {f"rapl:{z.name}" for z in rapl_zones()}
-        assert "cost_model_error" in here
+        assert here["measured_on"] == HERE  # checked on the machine that was timed
+        assert -1 < here["cost_model_error"] < 5  # the roofline within a factor of six
         assert mcu["source"] == "estimated (cost model)"
         assert mcu["weights_kb"] == pytest.approx(here["weights_kb"] / 4)  # int8 there
         assert mcu["latency_p95_ms"] > here["latency_p95_ms"]  # 133 MHz and no FPU
     summary = json.loads((out / "hpo.json").read_text())
-    assert summary["cost_model"]["checked"] == 6
+    architectures = {(r["params"]["model"], r["params"]["width"]) for r in records}
+    assert summary["cost_model"]["checked"] == len(architectures)  # each costed once
     assert summary["remeasured"]["study_latency_p95_ms"] == pytest.approx(
         result.chosen["targets"][0]["latency_p95_ms"]
     )
@@ -190,8 +196,13 @@ def test_a_study_continues_and_refuses_other_objectives(
     again = run_hpo(config, store, tmp_path, log=lambda line: None)
     assert again.summary["trials"]["complete"] == 2  # the second run added one
     other = _config(trials=1, models=["small_cnn"], epochs=1, objectives=["accuracy", "energy"])
-    with pytest.raises(FailedPrecondition, match="exists with objectives"):
+    with pytest.raises(FailedPrecondition, match="exists with other objectives"):
         run_hpo(other, store, tmp_path, log=lambda line: None)
+    tighter = _config(
+        trials=1, models=["small_cnn"], epochs=1, requirements=_spec(latency_p95_ms=9)
+    )
+    with pytest.raises(FailedPrecondition, match="exists with other requirements"):
+        run_hpo(tighter, store, tmp_path, log=lambda line: None)
 
 
 def test_two_workers_on_a_real_postgresql(
@@ -200,7 +211,7 @@ def test_two_workers_on_a_real_postgresql(
     config = _config(trials=2, workers=2, models=["small_cnn"], epochs=1, storage=postgres_database)
     result = run_hpo(config, store, tmp_path, log=lambda line: None)
     assert result.summary["trials"]["complete"] == 2
-    assert ":***@" in result.summary["storage"] or "@" not in postgres_database
+    assert result.summary["storage"] == _redact(postgres_database)
     lineage = json.loads((result.bundle / "lineage.json").read_text())
     assert lineage["hpo"]["study"] == "s"
     assert not (tmp_path / "study.db").exists()  # the study lives in PostgreSQL
@@ -223,23 +234,42 @@ def test_a_target_that_is_not_here_is_estimated(store: DatasetStore, tmp_path: P
     assert result.summary["cost_model"]["checked"] == 0
 
 
-def test_the_median_rule_prunes_only_below_the_finished_trials() -> None:
+def test_the_median_rule_prunes_only_below_the_finished_trials_no_slower() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
-    for curve in ([0.5, 0.6], [0.7, 0.8], [0.9, 0.95], [0.2]):
+    for curve, latency in (([0.5, 0.6], 1.0), ([0.7, 0.8], 1.0), ([0.9, 0.95], 1.0), ([0.2], 1.0)):
         study.add_trial(
             optuna.trial.create_trial(
-                values=[curve[-1], 1.0],
+                values=[curve[-1], latency],
                 params={},
                 distributions={},
-                user_attrs={"val_accuracy_curve": curve},
+                user_attrs={
+                    "val_accuracy_curve": curve,
+                    "targets": [{"latency_p95_ms": latency}],
+                },
             )
         )
     trial = study.ask()
-    assert not _below_median(trial, 1, 0.1, startup=5)  # fewer than 5 finished: never
-    assert _below_median(trial, 1, 0.55, startup=4)  # epoch 1: median of 0.2..0.9 is 0.6
-    assert not _below_median(trial, 1, 0.6, startup=4)
-    assert _below_median(trial, 2, 0.79, startup=3)  # epoch 2: three trials, median 0.8
-    assert not _below_median(trial, 2, 0.79, startup=4)
+    assert not _below_median(trial, 1, 0.1, startup=5, latency=1.0)  # fewer than 5: never
+    assert _below_median(trial, 1, 0.55, startup=4, latency=1.0)  # epoch 1: median 0.6
+    assert not _below_median(trial, 1, 0.6, startup=4, latency=1.0)
+    assert _below_median(trial, 2, 0.79, startup=3, latency=1.0)  # epoch 2: median 0.8
+    assert not _below_median(trial, 2, 0.79, startup=4, latency=1.0)
+    # A faster trial is compared with none of them: each is slower by more than the tie.
+    assert not _below_median(trial, 1, 0.1, startup=1, latency=0.5)
+    assert _below_median(trial, 1, 0.1, startup=4, latency=0.95)  # within 10%: the same
+
+
+def test_an_architecture_is_costed_once_a_study(study_run: Any) -> None:
+    _, _, out = study_run
+    records = json.loads((out / "trials.json").read_text())
+    seen: dict[tuple[str, float, float], Any] = {}
+    for record in records:
+        params = record["params"]
+        key = (params["model"], params["width"], params["depth"])
+        if key in seen:
+            assert record["targets"] == seen[key]
+        seen[key] = record["targets"]
+    assert len(seen) < len(records)  # 2 models x 2 widths: 6 trials repeat one at least
 
 
 def test_the_cost_model_counts_a_convolution_exactly(tmp_path: Path) -> None:
@@ -276,6 +306,18 @@ def test_measure_times_a_model_in_a_fresh_process(tmp_path: Path) -> None:
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(FailedPrecondition, match=r"timing bad\.onnx on onnxruntime failed"):
         measure(tmp_path / "bad.onnx")
+
+
+def test_a_storage_url_is_recorded_without_its_password() -> None:
+    url = "postgresql+psycopg://kapi:s3cret@db:5432/optuna?sslmode=require&password=other"
+    redacted = _redact(url)
+    assert redacted is not None
+    assert "s3cret" not in redacted
+    assert "other" not in redacted
+    assert redacted.startswith("postgresql+psycopg://kapi:***@db:5432/optuna?")
+    sqlite = _redact("sqlite:////tmp/a@b/study.db")  # an @ in a path is no password
+    assert sqlite is not None
+    assert make_url(sqlite).database == "/tmp/a@b/study.db"
 
 
 def test_rapl_zones_are_the_readable_package_counters(
@@ -336,3 +378,17 @@ def test_kapi_train_hpo_end_to_end(store: DatasetStore, tmp_path: Path) -> None:
         assert message in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x" / "bundle").exists()
+    plain = [str(KAPI), "train", "--dataset", "digits", "--model", "small_cnn", "--root"]
+    for extra, message in (
+        (["--trials", "3"], "--trials: only with --hpo"),
+        (["--requirements", str(spec)], "--requirements (without --hpo or --push)"),
+    ):
+        done = subprocess.run(
+            [*plain, str(store.root), *extra], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 1
+        assert message in done.stderr
+    done = subprocess.run(
+        [*base, "--requirements", str(spec), "--lr", "0.1"], capture_output=True, text=True
+    )
+    assert "--hpo searches or fixes --lr itself" in done.stderr

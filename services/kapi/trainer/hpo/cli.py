@@ -33,6 +33,8 @@ def add_arguments(train: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, store: Any) -> None:
     from kapi.core.requirements import load_requirements
+    from kapi.trainer.hpo.study import _print as loud
+    from kapi.trainer.hpo.study import _silent as quiet
     from kapi.trainer.hpo.study import load_config, run_hpo
 
     if args.requirements is None:
@@ -43,6 +45,17 @@ def run(args: argparse.Namespace, store: Any) -> None:
         raise InvalidArgument(
             "--hpo searches the architectures itself (--models) and resumes through "
             "--study and --storage; drop --model and --resume"
+        )
+    searched = {  # what a study samples or fixes itself: given, it would be ignored
+        "--batch-size": args.batch_size, "--lr": args.lr, "--weight-decay": args.weight_decay,
+        "--width": args.width, "--depth": args.depth, "--patience": args.patience,
+        "--device": args.device,
+    }  # fmt: skip
+    given = [flag for flag, value in searched.items() if value is not None]
+    if given:
+        raise InvalidArgument(
+            f"--hpo searches or fixes {', '.join(given)} itself (see --batch-sizes, --widths, "
+            "--depths); drop them"
         )
     fields: dict[str, Any] = {
         "dataset": args.dataset,
@@ -71,10 +84,12 @@ def run(args: argparse.Namespace, store: Any) -> None:
         fields["prune"] = False
     config = load_config(**{k: v for k, v in fields.items() if v is not None})
     out = args.out or Path("kapi-runs") / config.study
-    log = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-    result = run_hpo(config, store, out, log=log)
+    result = run_hpo(config, store, out, log=quiet if args.json else loud)
+    from kapi.trainer.cli import push
+
     if args.json:
-        print(json.dumps({"bundle": str(result.bundle), **result.summary}, indent=2))
+        pushed = push(args, result.bundle)
+        print(json.dumps({"bundle": str(result.bundle), **result.summary, **pushed}, indent=2))
         return
     print(f"Pareto front ({len(result.front)} feasible trials), {config.primary_profile()}:")
     names = list(result.summary["objectives"])
@@ -104,9 +119,27 @@ def run(args: argparse.Namespace, store: Any) -> None:
     if model_error.get("checked"):
         print(
             f"cost model on {model_error['profile']}: mean error "
-            f"{model_error['mean_abs_error']:.0%} over {model_error['checked']} trials"
+            f"{model_error['mean_abs_error']:.0%} over {model_error['checked']} architectures"
         )
     print(f"front {out / 'front.json'}, plot {out / 'front.png'}, bundle {result.bundle}")
+    push(args, result.bundle)
+
+
+def refuse_without_hpo(args: argparse.Namespace) -> None:
+    """The study's flags on a plain `kapi train` would be ignored: refused instead."""
+    flags = [
+        "trials", "study", "storage", "profile", "runtime", "models", "widths", "depths",
+        "batch_sizes", "objectives", "sampler", "population", "workers", "choose",
+    ]  # fmt: skip
+    given = ["--" + name.replace("_", "-") for name in flags if getattr(args, name) is not None]
+    if args.no_prune:
+        given.append("--no-prune")
+    if args.requirements is not None and not args.push:
+        given.append("--requirements (without --hpo or --push)")
+    if (args.repository or args.token) and not args.push:
+        given.append("--repository/--token (without --push)")
+    if given:
+        raise InvalidArgument(f"{', '.join(given)}: only with --hpo")
 
 
 def _items(text: str | None, kind: type) -> list[Any] | None:

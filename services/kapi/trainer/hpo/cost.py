@@ -17,11 +17,13 @@ The figures, and where they come from (vendors' data sheets unless said):
   (AVX-512: 2 x 16 x 2 = 64; AVX2: 2 x 8 x 2 = 32; SSE baseline: 2 x 4 x 2 = 16) at 3.0 GHz;
   about 50 GB/s, a core's L2/L3 bandwidth, since a small model's activations stay in cache
   (DRAM gives one core about 15 GB/s); 10 W a core under load (a server part's TDP over its
-  cores); half of peak, about what MLAS and oneDNN convolutions reach on small layers. The
-  timing is per thread because kapi times CPU variants on one. These x86 figures were set
-  after a first check on the development machine: a first guess (a quarter of peak, DRAM
-  bandwidth) overestimated its latency 2-2.5x. So the error kapi reports for x86 profiles
-  is an in-sample figure; the other rows are untested against hardware.
+  cores); 65% of peak for dense convolutions (MLAS's and oneDNN's GEMM kernels), 10% for
+  depthwise ones, which do too little work per byte to fill the vector units (every row).
+  The timing is per thread because kapi times CPU variants on one. These x86 figures were
+  set after checks on the development machine: a first guess (a quarter of peak, DRAM
+  bandwidth, depthwise like dense) overestimated dense models 2-3x and underestimated
+  MobileNet V2. So the error kapi reports for x86 profiles is an in-sample figure; the other
+  rows are untested against hardware.
 - `cpu-arm64`: a Neoverse-N1/Cortex-A76 class core, 2 x 128-bit FMA (16 FLOP/cycle) at
   2.4 GHz, one thread.
 - `rpi5`: four Cortex-A76 at 2.4 GHz (153.6 GFLOP/s), LPDDR4X-4267 on 32 bits (17 GB/s),
@@ -56,15 +58,16 @@ class DeviceFigures:
     bandwidth_gbs: float
     watts: float
     overhead_us: float  # per operator: a dispatch or a kernel launch
-    efficiency: float  # the share of peak small models reach at batch 1
+    efficiency: float  # the share of peak dense convolutions and GEMMs reach at batch 1
     source: str
+    depthwise_efficiency: float = 0.1  # depthwise convolutions reuse too little to reach it
 
 
 _X86_CORE = "one x86-64 core at 3.0 GHz, two FMA ports; 50 GB/s from cache; 10 W"
 FIGURES: dict[str, DeviceFigures] = {
-    "cpu-x86_64-avx512vnni": DeviceFigures(192.0, 50.0, 10.0, 2.0, 0.5, _X86_CORE),
-    "cpu-x86_64-avx2": DeviceFigures(96.0, 50.0, 10.0, 2.0, 0.5, _X86_CORE),
-    "cpu-x86_64": DeviceFigures(48.0, 50.0, 10.0, 2.0, 0.5, _X86_CORE),
+    "cpu-x86_64-avx512vnni": DeviceFigures(192.0, 50.0, 10.0, 2.0, 0.65, _X86_CORE),
+    "cpu-x86_64-avx2": DeviceFigures(96.0, 50.0, 10.0, 2.0, 0.65, _X86_CORE),
+    "cpu-x86_64": DeviceFigures(48.0, 50.0, 10.0, 2.0, 0.65, _X86_CORE),
     "cpu-arm64": DeviceFigures(38.4, 30.0, 3.0, 3.0, 0.5, "one Cortex-A76 class core"),
     "rpi5": DeviceFigures(153.6, 17.0, 7.0, 5.0, 0.2, "4x Cortex-A76 2.4 GHz, LPDDR4X"),
     "jetson-orin": DeviceFigures(5320.0, 204.8, 60.0, 10.0, 0.3, "Jetson AGX Orin 64 GB"),
@@ -77,6 +80,7 @@ FIGURES: dict[str, DeviceFigures] = {
     "intel-npu": DeviceFigures(5500.0, 120.0, 5.0, 10.0, 0.2, "Core Ultra NPU, 11 TOPS"),
     "mcu-cortex-m0": DeviceFigures(0.133, 0.5, 0.08, 50.0, 1.0, "RP2040 + CMSIS-NN int8"),
 }
+DEPTHWISE = "Conv(depthwise)"  # a grouped convolution, costed apart from dense ones
 INT8_ONLY = frozenset({"edgetpu", "mcu-cortex-m0", "intel-npu"})
 
 
@@ -120,8 +124,9 @@ def estimate(cost: GraphCost, profile: str) -> Estimate:
     row = figures(profile)
     element = weight_bytes_per_element(profile) / 4  # traffic scales with the precision
     seconds = 0.0
-    for _, flops, moved in cost.per_operator:
-        compute = flops / (row.peak_gflops * 1e9 * row.efficiency)
+    for kind, flops, moved in cost.per_operator:
+        share = row.depthwise_efficiency if kind == DEPTHWISE else row.efficiency
+        compute = flops / (row.peak_gflops * 1e9 * min(share, row.efficiency))
         memory = moved * element / (row.bandwidth_gbs * 1e9)
         seconds += max(compute, memory) + row.overhead_us * 1e-6
     resident = (cost.parameters * 4 + cost.peak_activation_bytes) * element
@@ -159,7 +164,7 @@ def graph_cost(path: Path) -> GraphCost:
         ins = [shapes.get(name, []) for name in node.input if name]
         outs = [shapes.get(name, []) for name in node.output if name]
         moved = 4.0 * (sum(_count(s) for s in ins) + sum(_count(s) for s in outs))
-        rows.append((node.op_type, _flops(node, ins, outs), moved))
+        rows.append((_kind(node), _flops(node, ins, outs), moved))
         names = [n for n in [*node.input, *node.output] if n and n not in initializers]
         tensors = 4.0 * sum(_count(shapes.get(name, [])) for name in names)
         peak_activation = max(peak_activation, tensors)
@@ -180,9 +185,17 @@ def _count(shape: list[int]) -> int:
     return total
 
 
+def _kind(node: Any) -> str:
+    if node.op_type == "Conv":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if group > 1:
+            return DEPTHWISE
+    return str(node.op_type)
+
+
 def _flops(node: Any, ins: list[list[int]], outs: list[list[int]]) -> float:
     out = outs[0] if outs else []
-    if node.op_type == "Conv" and len(ins) >= 2:
+    if node.op_type == "Conv" and len(ins) >= 2:  # dense or grouped: the weight says which
         weight = ins[1]  # [out_channels, in_channels / group, kH, kW]
         per_output = _count(weight[1:])
         return 2.0 * _count(out) * per_output + (_count(out) if len(ins) > 2 else 0)

@@ -38,7 +38,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kapi.core.errors import FailedPrecondition, InvalidArgument
-from kapi.core.hardware import can_run, detect_profiles
+from kapi.core.hardware import detect_profiles, primary_profile
 from kapi.core.requirements import Requirements
 from kapi.trainer import models
 from kapi.trainer.bundle import export_onnx, write_bundle
@@ -60,6 +60,7 @@ CHOICE_RULES = {  # the spec's rule for the one bundle: among the feasible front
     "smallest": lambda r: (r["targets"][0]["weights_kb"], -r["values"]["accuracy"]),
 }
 SQLITE_TIMEOUT_S = 60
+LATENCY_TIE = 1.1  # within 10%, two latencies are the same for the pruning rule
 
 PositiveInt = Annotated[int, Field(ge=1)]
 
@@ -92,6 +93,7 @@ class HpoConfig(BaseModel):
     measure_runs: PositiveInt = 500
     prune: bool = True
     prune_startup_trials: int = 4  # trained trials before the median rule applies
+    prune_warmup_epochs: int = 1  # epochs a trial trains before the rule applies to it
     choose: Literal["most-accurate", "fastest", "smallest"] = "most-accurate"
 
     @model_validator(mode="after")
@@ -152,7 +154,7 @@ def run_hpo(
     storage = config.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     database = _storage(storage)
     try:
-        study = _open_study(config, database)  # an existing study must agree, before any work
+        study = _open_study(config, database, dataset.digest)  # agreed before any work
         return _run(config, store, dataset, out, storage, study, log)
     finally:
         _close(database)
@@ -178,7 +180,12 @@ def _run(
             context.Process(
                 target=_worker_main,
                 args=(config.model_dump_json(), str(store.root), dataset.digest, str(out)),
-                kwargs={"storage": storage, "index": index, "trials": share},
+                kwargs={
+                    "storage": storage,
+                    "index": index,
+                    "trials": share,
+                    "quiet": log is _silent,
+                },
             )
             for index, share in enumerate(shares)
             if share
@@ -193,15 +200,36 @@ def _run(
     return finish(config, study, out, log=log)
 
 
+def _silent(line: str) -> None:
+    """The log of a run that prints only its result (--json)."""
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
 def _worker_main(
-    config_json: str, root: str, digest: str, out: str, *, storage: str, index: int, trials: int
+    config_json: str,
+    root: str,
+    digest: str,
+    out: str,
+    *,
+    storage: str,
+    index: int,
+    trials: int,
+    quiet: bool,
 ) -> None:
     config = HpoConfig.model_validate_json(config_json)
-    _work(config, Path(root), digest, Path(out), storage, index, trials, print)
+    _work(
+        config, Path(root), digest, Path(out), storage, index, trials, _silent if quiet else _print
+    )
 
 
 def _open_study(
-    config: HpoConfig, storage: optuna.storages.RDBStorage, seed_offset: int = 0
+    config: HpoConfig,
+    storage: optuna.storages.RDBStorage,
+    dataset_digest: str,
+    seed_offset: int = 0,
 ) -> optuna.Study:
     names = config.objective_names()
     sampler: optuna.samplers.BaseSampler
@@ -218,16 +246,26 @@ def _open_study(
         directions=[OBJECTIVES[name][0] for name in names],
         load_if_exists=True,
     )
-    recorded = study.user_attrs.get("objectives")
-    if recorded is None:  # a new study (the experimental metric names API is not used)
-        study.set_user_attr("objectives", names)
-        study.set_user_attr("profile", config.primary_profile())
-        study.set_user_attr("dataset", config.dataset)
-    elif recorded != names:
-        raise FailedPrecondition(
-            f"study '{config.study}' exists with objectives {recorded}; this run "
-            f"asks for {names} (choose another --study)"
-        )
+    # What its trials' figures and constraints depend on: a run that continues the study
+    # must agree on all of it, or old trials would be judged by budgets they never saw.
+    identity = {
+        "objectives": names,
+        "profile": config.primary_profile(),
+        "runtime": config.runtime,
+        "dataset": dataset_digest,
+        "requirements": config.requirements.model_dump(mode="json", exclude_none=True),
+    }
+    recorded = {key: study.user_attrs.get(key) for key in identity}
+    if recorded["objectives"] is None:  # a new study
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+    else:
+        changed = sorted(key for key, value in identity.items() if recorded[key] != value)
+        if changed:
+            raise FailedPrecondition(
+                f"study '{config.study}' exists with other {', '.join(changed)} "
+                f"(objectives {recorded['objectives']}); choose another --study"
+            )
     return study
 
 
@@ -239,7 +277,7 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     if "://" in url:
         return optuna.storages.RDBStorage(url)
     raise InvalidArgument(
-        f"--storage {url!r}: expected a database URL (sqlite:///FILE, postgresql://...)"
+        "--storage: expected a database URL (sqlite:///FILE, postgresql+psycopg://HOST/DB)"
     )
 
 
@@ -264,8 +302,12 @@ def _work(
     dataset = store.get(config.dataset, digest)
     database = _storage(storage)
     try:
-        study = _open_study(config, database, seed_offset=index)
-        study.optimize(_Objective(config, store, dataset, out, log), n_trials=trials, catch=())
+        study = _open_study(config, database, digest, seed_offset=index)
+        # A trial that fails (an export, a timing, a training error) is recorded FAIL with
+        # its reason and the study goes on; `finish` reports how many did.
+        study.optimize(
+            _Objective(config, store, dataset, out, log), n_trials=trials, catch=(Exception,)
+        )
     finally:
         _close(database)
 
@@ -284,7 +326,10 @@ class _Objective:
         self.dataset = dataset
         self.out = out
         self.log = log
-        self.here = detect_profiles()
+        # Timed here: ONNX Runtime's and OpenVINO's CPU devices, so only this machine's own
+        # best CPU profile counts as measured. A GPU's or a weaker CPU's figures would be
+        # this CPU's, and are estimated instead.
+        self.machine = primary_profile([p for p in detect_profiles() if p.startswith("cpu-")])
         self.threads = config.threads or max(1, (os.cpu_count() or 1) // config.workers)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
@@ -301,7 +346,7 @@ class _Objective:
             "batch_size": batch_size,
             "lr": lr,
         }
-        folder = self.out / "trials" / f"{trial.number:04d}"
+        folder = self.out / "trials" / config.study / f"{trial.number:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         train_config = TrainConfig(
             dataset=config.dataset,
@@ -317,7 +362,13 @@ class _Objective:
             seed=config.seed + trial.number,
             threads=self.threads,
         )
-        targets = self._cost(train_config, folder)
+        # One architecture is costed once a study: its figures do not depend on the training
+        # settings, and timing it again would only add noise between otherwise equal trials.
+        architecture = f"cost:{model}:{width}:{depth}"
+        targets = trial.study.user_attrs.get(architecture)
+        if targets is None:
+            targets = self._cost(train_config, folder)
+            trial.study.set_user_attr(architecture, targets)
         trial.set_user_attr("targets", targets)
         trial.set_user_attr("params", params)
         violations = _hardware_violations(config.requirements, targets)
@@ -329,7 +380,7 @@ class _Objective:
             trial.set_user_attr("trained", False)
             trial.set_user_attr("skipped", f"over budget before training: {broken}")
         else:
-            accuracy = self._train(trial, train_config, folder)
+            accuracy = self._train(trial, train_config, folder, targets[0]["latency_p95_ms"])
             trial.set_user_attr("trained", True)
         if (
             config.requirements.accuracy is not None
@@ -382,7 +433,12 @@ class _Objective:
                     "energy_source": measured.energy_source
                     if measured.energy_mj is not None
                     else "estimated",
-                    "cost_model_error": guess.latency_ms / measured.latency_p50_ms - 1,
+                    # The model is checked on the machine that was timed, which may be a
+                    # superset of the target (an avx512 machine timing an avx2 target).
+                    "measured_on": self.machine,
+                    "cost_model_error": cost.estimate(graph, self.machine).latency_ms
+                    / measured.latency_p50_ms
+                    - 1,
                 }
             else:
                 row |= {
@@ -398,23 +454,31 @@ class _Objective:
         return rows
 
     def _runs_here(self, profile: str) -> bool:
-        return runtime_present(self.config.runtime) and (
-            can_run(self.here, profile, self.config.runtime) is not None
-        )
+        return profile == self.machine and runtime_present(self.config.runtime)
 
-    def _train(self, trial: optuna.Trial, train_config: TrainConfig, folder: Path) -> float:
+    def _train(
+        self, trial: optuna.Trial, train_config: TrainConfig, folder: Path, latency: float
+    ) -> float:
         curve: list[float] = []
 
         def on_epoch(metrics: EpochMetrics) -> None:
             curve.append(metrics.val_accuracy)
             trial.set_user_attr("val_accuracy_curve", curve)
-            if self.config.prune and _below_median(
-                trial, metrics.epoch, metrics.val_accuracy, self.config.prune_startup_trials
+            if (
+                self.config.prune
+                and self.config.prune_warmup_epochs < metrics.epoch < train_config.epochs
+                and _below_median(
+                    trial,
+                    metrics.epoch,
+                    metrics.val_accuracy,
+                    self.config.prune_startup_trials,
+                    latency,
+                )
             ):
                 trial.set_user_attr("pruned_at_epoch", metrics.epoch)
                 raise optuna.TrialPruned(
                     f"val accuracy {metrics.val_accuracy:.4f} after epoch {metrics.epoch} is "
-                    "below the median of the finished trials"
+                    "below the median of the finished trials no slower than it"
                 )
 
         try:
@@ -422,6 +486,7 @@ class _Objective:
                 train_config, self.store, folder / "run", progress=False, on_epoch=on_epoch
             )
         except optuna.TrialPruned:
+            shutil.rmtree(folder / "run", ignore_errors=True)
             self.log(
                 f"trial {trial.number:>3} pruned after epoch {len(curve)} (val {curve[-1]:.4f})"
             )
@@ -432,13 +497,18 @@ class _Objective:
             "storage": _redact(self.config.storage),
         }
         write_bundle(result, self.dataset, train_config, folder / "bundle", hpo=hpo)
+        trial.set_user_attr("bundle", str((folder / "bundle").resolve()))
         shutil.rmtree(folder / "run", ignore_errors=True)  # the checkpoint: the bundle has it all
         trial.set_user_attr("test_accuracy", result.test_accuracy)
         return result.best_val_accuracy
 
 
-def _below_median(trial: optuna.Trial, epoch: int, accuracy: float, startup: int) -> bool:
-    """Whether `accuracy` at `epoch` is below the median of the trained, finished trials'."""
+def _below_median(
+    trial: optuna.Trial, epoch: int, accuracy: float, startup: int, latency: float
+) -> bool:
+    """Whether `accuracy` at `epoch` is below the median of the finished trials' that are no
+    slower than this one (by LATENCY_TIE): only those could dominate it on the front, so a
+    fast model is never pruned for being less accurate than slower ones."""
     finished = trial.study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     )
@@ -446,6 +516,7 @@ def _below_median(trial: optuna.Trial, epoch: int, accuracy: float, startup: int
         t.user_attrs["val_accuracy_curve"][epoch - 1]
         for t in finished
         if len(t.user_attrs.get("val_accuracy_curve", [])) >= epoch
+        and t.user_attrs["targets"][0]["latency_p95_ms"] <= latency * LATENCY_TIE
     ]
     if len(seen) < startup:
         return False
@@ -503,13 +574,14 @@ def _trial_line(
 
 
 def _redact(url: str | None) -> str | None:
-    """A storage URL without its password."""
-    if url is None or "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """A storage URL without its password (in the authority or the query)."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    query = {k: ("***" if "password" in k.lower() else v) for k, v in parsed.query.items()}
+    return parsed.set(query=query).render_as_string(hide_password=True)
 
 
 def _record(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]:
@@ -524,6 +596,7 @@ def _record(trial: optuna.trial.FrozenTrial, names: list[str]) -> dict[str, Any]
         "skipped": trial.user_attrs.get("skipped"),
         "val_accuracy_curve": trial.user_attrs.get("val_accuracy_curve", []),
         "test_accuracy": trial.user_attrs.get("test_accuracy"),
+        "bundle": trial.user_attrs.get("bundle"),
         "targets": trial.user_attrs.get("targets", []),
         "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
         if trial.datetime_complete and trial.datetime_start
@@ -563,7 +636,12 @@ def finish(
             f"no trial met every constraint: {detail} (report {out / 'hpo.json'})"
         )
     chosen = sorted(front, key=CHOICE_RULES[config.choose])[0]
-    source = out / "trials" / f"{chosen['number']:04d}" / "bundle"
+    source = Path(chosen["bundle"] or "")
+    if not (source / "model.onnx").is_file():
+        raise FailedPrecondition(
+            f"the chosen trial {chosen['number']}'s bundle is not at {source}: a run with "
+            "another --out trained it; run this study from that folder"
+        )
     bundle = _replace_dir(source, out / "bundle")
     primary = chosen["targets"][0]
     summary["chosen"] = chosen
@@ -596,18 +674,23 @@ def _count_states(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _cost_model_error(records: list[dict[str, Any]]) -> dict[str, Any]:
-    errors = [
-        row["cost_model_error"]
+    """The estimate against the measurement, once an architecture (costed once a study)."""
+    by_architecture = {
+        (row["flops"], row["parameters"]): row["cost_model_error"]
         for r in records
-        for row in r["targets"][:1]
-        if "cost_model_error" in row
-    ]
+        for row in r["targets"]
+        if "measured_on" in row
+    }
+    errors = list(by_architecture.values())
     if not errors:
         return {"checked": 0, "note": "no target profile runs here: every figure is estimated"}
     absolute = sorted(abs(e) for e in errors)
     return {
         "checked": len(errors),
-        "profile": records[0]["targets"][0]["profile"],
+        "profile": next(
+            (row["measured_on"] for r in records for row in r["targets"] if "measured_on" in row),
+            None,
+        ),
         "mean_abs_error": sum(absolute) / len(absolute),
         "median_abs_error": absolute[len(absolute) // 2],
         "max_abs_error": absolute[-1],
@@ -621,12 +704,14 @@ def _unmet(records: list[dict[str, Any]], requirements: Requirements) -> list[st
     lines = []
     keys = sorted({k for r in done for k in r["constraints"]})
     for key in keys:
-        excess = [r["constraints"][key] for r in done if key in r["constraints"]]
-        over = sum(1 for e in excess if e > 0)
+        counted = [r for r in done if key in r["constraints"]]
+        if key == "accuracy.min":  # an untrained trial's accuracy is no measurement
+            counted = [r for r in counted if r["trained"]]
+        over = [r["constraints"][key] for r in counted if r["constraints"][key] > 0]
         if over:
             lines.append(
-                f"{key}: {over} of {len(excess)} trials over budget (the closest by "
-                f"{min(excess):.4g})"
+                f"{key}: {len(over)} of {len(counted)} trials over budget (the closest by "
+                f"{min(over):.4g})"
             )
     return lines
 

@@ -168,6 +168,15 @@ def _requirements(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+def _no_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.password or any("password" in key.lower() for key in parsed.query):
+        raise ValueError("a storage URL with a password; give it as PGPASSWORD instead")
+    return url
+
+
 Grid = Annotated[list[Annotated[float, Field(gt=0.0, allow_inf_nan=False)]], Field(min_length=1)]
 
 
@@ -182,7 +191,12 @@ class HpoJob(TrainOptions):
     requirements: Annotated[dict[str, Any], AfterValidator(_requirements)]
     trials: Positive | None = None
     study: DatasetName | None = None
-    storage: Annotated[str, Field(pattern=r"^[a-z0-9+]+://")] | None = None
+    # No password: the URL is kept in the job record and the command line (a Kubernetes Job's
+    # args); the database's password comes from the worker's environment (PGPASSWORD).
+    storage: (
+        Annotated[str, Field(pattern=r"^postgresql(\+psycopg)?://"), AfterValidator(_no_password)]
+        | None
+    ) = None
     profile: Annotated[str, Field(pattern=r"^[a-z0-9-]+$")] | None = None
     runtime: Literal["onnxruntime", "openvino"] | None = None
     models: (
