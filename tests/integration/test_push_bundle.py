@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kapi.repository import entities as ent
@@ -111,6 +112,12 @@ def test_what_is_not_a_bundle_or_does_not_fit_is_refused(
     done = push(repository, "taken", bundle)
     assert done.returncode == 1
     assert "exists with another signature" in done.stderr
+    spec = tmp_path / "requirements.yaml"
+    spec.write_text("model: digits\ntask: classification\n")
+    assert push(repository, "digits", bundle).returncode == 0  # no requirements: it joins
+    done = push(repository, "digits", bundle, "--requirements", spec)
+    assert done.returncode == 1
+    assert "exists with other requirements" in done.stderr
     with RepositoryClient(repository.url, repository.admin_token) as client:
         assert client.versions("taken") == []  # nothing was created
 
@@ -131,3 +138,16 @@ def test_kapi_train_push_trains_and_pushes_in_one_command(
     with RepositoryClient(repository.url, repository.admin_token) as client:
         version = client.version("trained", 1)
         assert version.metrics["test_accuracy"] == printed["test_accuracy"]
+
+
+def test_a_push_that_cannot_happen_is_refused_before_training(
+    root: Path, tmp_path: Path, unused_port: Any
+) -> None:
+    command = [str(KAPI), "train", "--dataset", "digits", "--model", "small_cnn", "--root"]
+    command += [str(root), "--out", str(tmp_path / "run"), "--push", "m", "--repository"]
+    command += [f"http://127.0.0.1:{unused_port()}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "cannot be reached" in done.stderr
+    assert "epoch" not in done.stdout  # refused before the first epoch
+    assert not (tmp_path / "run" / "bundle").exists()

@@ -169,6 +169,7 @@ def _train(args: argparse.Namespace) -> None:
     from kapi.core.errors import AlreadyExists
     from kapi.trainer.bundle import write_bundle
     from kapi.trainer.distributed import World, relaunch
+    from kapi.trainer.push import check_push, push_from_args
     from kapi.trainer.training import EpochMetrics, TrainConfig, train, validate
 
     given = {
@@ -202,6 +203,8 @@ def _train(args: argparse.Namespace) -> None:
         )
 
     store = _store(args)
+    if world.is_main:
+        check_push(args)
     result = train(
         config,
         store,
@@ -217,34 +220,14 @@ def _train(args: argparse.Namespace) -> None:
     bundle = write_bundle(result, dataset, config, target)
     if args.json:
         metrics = json.loads((bundle / "metrics.json").read_text())
-        print(json.dumps({"bundle": str(bundle), **metrics, **push(args, bundle)}, indent=2))
+        pushed = push_from_args(args, bundle)
+        print(json.dumps({"bundle": str(bundle), **metrics, **pushed}, indent=2))
         return
     stopped = f" (stopped early after {len(result.history)})" if result.stopped_early else ""
     print(f"best val accuracy {result.best_val_accuracy:.4f} at epoch {result.best_epoch}{stopped}")
     print(f"test accuracy {result.test_accuracy:.4f}")
     print(f"bundle {bundle}")
-    push(args, bundle)
-
-
-def push(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
-    """With --push MODEL: the bundle as a new version of MODEL in the repository."""
-    if not args.push:
-        return {}
-    from kapi.repository.client import RepositoryClient
-    from kapi.trainer.push import push_bundle
-
-    requirements = None
-    if args.requirements is not None:
-        from kapi.core.requirements import load_requirements
-
-        requirements = load_requirements(args.requirements).model_dump(
-            mode="json", exclude_none=True
-        )
-    with RepositoryClient.from_env(args.repository, args.token) as client:
-        number, variant = push_bundle(client, args.push, bundle, requirements=requirements)
-    if not args.json:
-        print(f"pushed {args.push} version {number} to {client.url} ({variant.digest[:19]})")
-    return {"pushed": {"model": args.push, "version": number, "digest": variant.digest}}
+    push_from_args(args, bundle)
 
 
 _TRAIN_OPTIONS = (

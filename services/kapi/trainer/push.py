@@ -8,15 +8,23 @@ calibration) and a serving client read the same transform the model was trained 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
-from kapi.core.errors import InvalidArgument, NotFound
+from kapi.core.errors import InvalidArgument, KapiError, NotFound
 from kapi.repository import entities as ent
 from kapi.repository.client import RepositoryClient
 
-BUNDLE_FILES = ("model.onnx", "signature.json", "lineage.json", "metrics.json")
+BUNDLE_FILES = (
+    "model.onnx",
+    "signature.json",
+    "lineage.json",
+    "metrics.json",
+    "preprocessing.json",
+)
 VARIANT = ("onnxruntime", "fp32", "cpu-x86_64")
 
 
@@ -51,6 +59,10 @@ def push_bundle(
             )
         )
     else:
+        if requirements is not None and existing.requirements != requirements:
+            raise InvalidArgument(
+                f"model '{model}' exists with other requirements; a push does not change a model"
+            )
         if existing.signature is not None and existing.signature != signature:
             raise InvalidArgument(
                 f"model '{model}' exists with another signature; this bundle takes "
@@ -59,8 +71,51 @@ def push_bundle(
             )
     summary = {k: v for k, v in metrics.items() if k != "history"}  # the curve stays local
     version = client.create_version(model, ent.VersionCreate(lineage=lineage, metrics=summary))
-    variant = client.upload(model, version.number, VARIANT, bundle / "model.onnx")
+    try:
+        variant = client.upload(model, version.number, VARIANT, bundle / "model.onnx")
+    except BaseException:
+        with contextlib.suppress(Exception):  # an empty version would only mislead
+            client.delete_version(model, version.number)
+        raise
     return version.number, variant
+
+
+def check_push(args: argparse.Namespace) -> None:
+    """Before training: the requirements read and the repository answers with this token."""
+    if not args.push:
+        return
+    _requirements(args)
+    with (
+        RepositoryClient.from_env(args.repository, args.token) as client,
+        contextlib.suppress(NotFound),  # a new model: what matters is that the token works
+    ):
+        client.model(args.push)
+
+
+def push_from_args(args: argparse.Namespace, bundle: Path) -> dict[str, Any]:
+    """With --push MODEL: the bundle as a new version of MODEL in the repository."""
+    if not args.push:
+        return {}
+    with RepositoryClient.from_env(args.repository, args.token) as client:
+        try:
+            number, variant = push_bundle(
+                client, args.push, bundle, requirements=_requirements(args)
+            )
+        except KapiError as exc:
+            raise type(exc)(
+                f"{exc.message} (the bundle is kept: kapi push {args.push} {bundle})"
+            ) from exc
+    if not args.json:
+        print(f"pushed {args.push} version {number} to {client.url} ({variant.digest[:19]})")
+    return {"pushed": {"model": args.push, "version": number, "digest": variant.digest}}
+
+
+def _requirements(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.requirements is None:
+        return None
+    from kapi.core.requirements import load_requirements
+
+    return load_requirements(args.requirements).model_dump(mode="json", exclude_none=True)
 
 
 def _json(path: Path) -> Any:

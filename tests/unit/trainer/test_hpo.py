@@ -164,6 +164,16 @@ def test_a_budget_no_trial_meets_is_named_and_leaves_no_bundle(
     assert json.loads((tmp_path / "front.json").read_text()) == []
 
 
+def test_a_throughput_no_trial_reaches_is_named(store: DatasetStore, tmp_path: Path) -> None:
+    config = _config(trials=1, models=["small_cnn"], requirements=_spec(throughput_min_rps=1e9))
+    with pytest.raises(FailedPrecondition, match=rf"throughput_min_rps@{HERE}: 1 of 1 trials"):
+        run_hpo(config, store, tmp_path, log=lambda line: None)
+    (record,) = json.loads((tmp_path / "trials.json").read_text())
+    reached = 1000 / record["targets"][0]["latency_p50_ms"]  # one stream at batch 1
+    assert record["constraints"][f"throughput_min_rps@{HERE}"] == pytest.approx(1e9 - reached)
+    assert not record["trained"]
+
+
 def test_an_accuracy_no_trial_reaches_is_named(store: DatasetStore, tmp_path: Path) -> None:
     requirements = parse_requirements(
         {
@@ -340,6 +350,15 @@ def test_bad_hpo_settings_are_refused() -> None:
     no_target = parse_requirements({"model": "d", "task": "classification"})
     with pytest.raises(InvalidArgument, match="name no target"):
         load_config(dataset="d", study="s", requirements=no_target)
+    for fields, message in (
+        ({"population": 1}, "population"),
+        ({"profile": "nvidia-smx"}, "unknown hardware profile"),
+        ({"widths": [0]}, "widths"),
+        ({"models": []}, "models"),
+        ({"objectives": ["accuracy", "latency", "latency"]}, "objectives repeat"),
+    ):
+        with pytest.raises(InvalidArgument, match=message):
+            load_config(dataset="d", study="s", requirements=_spec(), **fields)
 
 
 def test_kapi_train_hpo_end_to_end(store: DatasetStore, tmp_path: Path) -> None:

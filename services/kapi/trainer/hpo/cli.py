@@ -36,6 +36,7 @@ def run(args: argparse.Namespace, store: Any) -> None:
     from kapi.trainer.hpo.study import _print as loud
     from kapi.trainer.hpo.study import _silent as quiet
     from kapi.trainer.hpo.study import load_config, run_hpo
+    from kapi.trainer.push import check_push, push_from_args
 
     if args.requirements is None:
         raise InvalidArgument("--hpo needs --requirements FILE: its targets are the objectives")
@@ -83,12 +84,11 @@ def run(args: argparse.Namespace, store: Any) -> None:
     if args.no_prune:
         fields["prune"] = False
     config = load_config(**{k: v for k, v in fields.items() if v is not None})
+    check_push(args)
     out = args.out or Path("kapi-runs") / config.study
     result = run_hpo(config, store, out, log=quiet if args.json else loud)
-    from kapi.trainer.cli import push
-
     if args.json:
-        pushed = push(args, result.bundle)
+        pushed = push_from_args(args, result.bundle)
         print(json.dumps({"bundle": str(result.bundle), **result.summary, **pushed}, indent=2))
         return
     print(f"Pareto front ({len(result.front)} feasible trials), {config.primary_profile()}:")
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, store: Any) -> None:
             f"{model_error['mean_abs_error']:.0%} over {model_error['checked']} architectures"
         )
     print(f"front {out / 'front.json'}, plot {out / 'front.png'}, bundle {result.bundle}")
-    push(args, result.bundle)
+    push_from_args(args, result.bundle)
 
 
 def refuse_without_hpo(args: argparse.Namespace) -> None:

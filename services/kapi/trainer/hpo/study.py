@@ -38,7 +38,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kapi.core.errors import FailedPrecondition, InvalidArgument
-from kapi.core.hardware import detect_profiles, primary_profile
+from kapi.core.hardware import detect_profiles, is_known_profile, primary_profile
 from kapi.core.requirements import Requirements
 from kapi.trainer import models
 from kapi.trainer.bundle import export_onnx, write_bundle
@@ -63,6 +63,7 @@ SQLITE_TIMEOUT_S = 60
 LATENCY_TIE = 1.1  # within 10%, two latencies are the same for the pruning rule
 
 PositiveInt = Annotated[int, Field(ge=1)]
+Multiplier = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 class HpoConfig(BaseModel):
@@ -76,16 +77,21 @@ class HpoConfig(BaseModel):
     requirements: Requirements
     profile: str | None = None  # the objectives' target; None: the spec's first target
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
-    models: list[str] = ["small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet18"]
-    widths: list[float] = [0.25, 0.5, 0.75, 1.0]
-    depths: list[float] = [0.5, 1.0]
-    batch_sizes: list[PositiveInt] = [64, 128, 256]
+    models: Annotated[list[str], Field(min_length=1)] = [
+        "small_cnn",
+        "mobilenet_v2",
+        "efficientnet_b0",
+        "resnet18",
+    ]
+    widths: Annotated[list[Multiplier], Field(min_length=1)] = [0.25, 0.5, 0.75, 1.0]
+    depths: Annotated[list[Multiplier], Field(min_length=1)] = [0.5, 1.0]
+    batch_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = [64, 128, 256]
     lr_range: tuple[float, float] = (3e-4, 1e-2)
     epochs: PositiveInt = 3  # per trial
     train_samples: PositiveInt | None = 5000  # per trial; None: the whole training split
     objectives: list[str] | None = None  # None: accuracy, latency and what the spec budgets
     sampler: Literal["nsga2", "tpe"] = "nsga2"
-    population: PositiveInt = 8  # NSGA-II's generation size
+    population: Annotated[int, Field(ge=2)] = 8  # NSGA-II's generation size
     seed: int = 0
     workers: PositiveInt = 1
     threads: PositiveInt | None = None  # torch threads per worker; None: cores / workers
@@ -108,6 +114,13 @@ class HpoConfig(BaseModel):
             raise ValueError(f"unknown objective(s) {wrong}; choose from {list(OBJECTIVES)}")
         if self.objectives is not None and self.objectives[:1] != ["accuracy"]:
             raise ValueError("the first objective must be accuracy")
+        if self.objectives is not None and len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives repeat: {self.objectives}")
+        if self.profile is not None and not is_known_profile(self.profile):
+            raise ValueError(f"unknown hardware profile {self.profile!r}")
+        low, high = self.lr_range
+        if not 0 < low <= high:
+            raise ValueError(f"lr_range {self.lr_range}: expected 0 < low <= high")
         return self
 
     def primary_profile(self) -> str:
@@ -534,14 +547,21 @@ def _hardware_violations(
     by_profile = {row["profile"]: row for row in targets}
     for target in requirements.targets:
         row = by_profile[target.profile]
+        # One stream at batch 1: a floor under what batching would reach on the target.
+        throughput = 1000.0 / row["latency_p50_ms"]
         budgets = (
             ("latency_p95_ms", target.latency_p95_ms, row["latency_p95_ms"]),
+            ("throughput_min_rps", target.throughput_min_rps, -throughput),
             ("max_weights_kb", target.max_weights_kb, row["weights_kb"]),
             ("max_memory_mb", target.max_memory_mb, row["memory_mb"]),
         )
         for name, budget, value in budgets:
-            if budget is not None:
-                found[f"{name}@{target.profile}"] = value - budget
+            if budget is None:
+                continue
+            # a maximum is exceeded by value - budget; a minimum (given negated) by the
+            # budget less what was reached
+            excess = budget + value if name == "throughput_min_rps" else value - budget
+            found[f"{name}@{target.profile}"] = excess
     return found
 
 

@@ -123,24 +123,12 @@ class TrainOptions(BaseJob):
     dataset: DatasetName
     version: Annotated[str, Field(pattern=r"^(sha256:)?[0-9a-f]{1,64}$")] | None = None
     epochs: Positive | None = None
-    batch_size: Positive | None = None
-    lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
-    weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
-    width: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
-    depth: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**31)] | None = None
-    patience: Positive | None = None
     train_samples: Positive | None = None
-    device: Annotated[str, Field(pattern=r"^[a-z]+(:[0-9]+)?$")] | None = None
     threads: Positive | None = None
 
     def service_options(self, place: JobPlace) -> list[str]:
         return [*super().service_options(place), f"--out={place.out}", "--no-progress"]
-
-    def gpus(self) -> int:
-        if self.resources.gpus is not None:
-            return self.resources.gpus
-        return 1 if (self.device or "").startswith("cuda") else 0
 
     def staging(self, place: JobPlace) -> list[Staging]:
         return [Staging(place.out, ".bundle-*")]  # kapi.trainer.bundle's staging directory
@@ -150,7 +138,24 @@ class TrainOptions(BaseJob):
         return bundle if bundle.is_dir() else None
 
 
-class TrainJob(TrainOptions):
+class OneRunOptions(TrainOptions):
+    """What one run fixes and a study searches (or fixes itself)."""
+
+    batch_size: Positive | None = None
+    lr: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    weight_decay: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+    width: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    depth: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    patience: Positive | None = None
+    device: Annotated[str, Field(pattern=r"^[a-z]+(:[0-9]+)?$")] | None = None
+
+    def gpus(self) -> int:
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return 1 if (self.device or "").startswith("cuda") else 0
+
+
+class TrainJob(OneRunOptions):
     """`kapi train`: one model, its bundle in the job's folder."""
 
     kind: Literal["train"]
