@@ -269,13 +269,13 @@ def test_the_median_rule_prunes_only_below_the_finished_trials_no_slower() -> No
     assert _below_median(trial, 1, 0.1, startup=4, latency=0.95)  # within 10%: the same
 
 
-def test_an_architecture_is_costed_once_a_study(study_run: Any) -> None:
+def test_a_network_is_costed_once_a_study(study_run: Any) -> None:
     _, _, out = study_run
     records = json.loads((out / "trials.json").read_text())
-    seen: dict[tuple[str, float, float], Any] = {}
+    seen: dict[tuple[int, float], Any] = {}
     for record in records:
-        params = record["params"]
-        key = (params["model"], params["width"], params["depth"])
+        here = record["targets"][0]
+        key = (here["parameters"], here["flops"])
         if key in seen:
             assert record["targets"] == seen[key]
         seen[key] = record["targets"]

@@ -13,15 +13,12 @@ leaves nothing half-written:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kapi.core.errors import InvalidArgument, NotFound
+from kapi.core.files import locked, replace_text
 from kapi.trainer.data.preprocess import Preprocessing, fit
 from kapi.trainer.data.sources import Samples
 
@@ -94,7 +92,7 @@ class DatasetStore:
         digest = content_digest(samples, split, options)
         target = self.root / name / digest.removeprefix("sha256:")[:16]
         (self.root / name).mkdir(parents=True, exist_ok=True)
-        with _locked(self.root / name / ".lock"):  # one ingest of a name at a time
+        with locked(self.root / name / ".lock"):  # one ingest of a name at a time
             if target.is_dir():
                 self._list_version(name, target)  # one a failed ingest did not list yet
                 return self.get(name, digest), False
@@ -195,29 +193,9 @@ def _meta(
     }
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on a file, between processes (flock)."""
-    with path.open("a") as file:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
-
-
 def _write_json(path: Path, value: Any) -> None:
     """Replace a JSON file in one step, through a temporary file of its own, synced."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(value, file, indent=2, allow_nan=False)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    replace_text(path, json.dumps(value, indent=2, allow_nan=False))
 
 
 def stratified_split(

@@ -38,6 +38,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kapi.core.errors import FailedPrecondition, InvalidArgument
+from kapi.core.files import replace_text
 from kapi.core.hardware import detect_profiles, is_known_profile, primary_profile
 from kapi.core.requirements import Requirements
 from kapi.trainer import models
@@ -375,13 +376,7 @@ class _Objective:
             seed=config.seed + trial.number,
             threads=self.threads,
         )
-        # One architecture is costed once a study: its figures do not depend on the training
-        # settings, and timing it again would only add noise between otherwise equal trials.
-        architecture = f"cost:{model}:{width}:{depth}"
-        targets = trial.study.user_attrs.get(architecture)
-        if targets is None:
-            targets = self._cost(train_config, folder)
-            trial.study.set_user_attr(architecture, targets)
+        targets = self._cost(trial.study, train_config, folder)
         trial.set_user_attr("targets", targets)
         trial.set_user_attr("params", params)
         violations = _hardware_violations(config.requirements, targets)
@@ -405,13 +400,27 @@ class _Objective:
         self.log(_trial_line(trial.number, params, values, violations, targets[0]))
         return values
 
-    def _cost(self, train_config: TrainConfig, folder: Path) -> list[dict[str, Any]]:
-        """Each target's costs, the primary target first."""
+    def _cost(
+        self, study: optuna.Study, train_config: TrainConfig, folder: Path
+    ) -> list[dict[str, Any]]:
+        """Each target's costs, the primary target first. One network is costed once a
+        study: its figures do not depend on the training settings, and timing it again only
+        adds noise between equal trials (small_cnn's depth 0.5 and 1 are one network)."""
         model = build_model(train_config, self.dataset).eval()
         shape = self.dataset.preprocessing.input_shape(tuple(self.dataset.meta["sample_shape"]))
         onnx_path = folder / "architecture.onnx"
         export_onnx(model, shape, onnx_path)
         graph = cost.graph_cost(onnx_path)
+        network = f"cost:{graph.parameters}:{graph.flops:.0f}:{graph.operators}"
+        known: list[dict[str, Any]] | None = study.user_attrs.get(network)
+        if known is not None:
+            onnx_path.unlink()
+            return known
+        rows = self._cost_graph(onnx_path, graph)
+        study.set_user_attr(network, rows)
+        return rows
+
+    def _cost_graph(self, onnx_path: Path, graph: cost.GraphCost) -> list[dict[str, Any]]:
         measured: Measurement | None = None
         profiles = [self.config.primary_profile()] + [
             t.profile
@@ -816,9 +825,7 @@ def _plot(
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n")
-    os.replace(temp, path)
+    replace_text(path, json.dumps(value, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:

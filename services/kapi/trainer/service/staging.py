@@ -10,12 +10,12 @@ lock while it looks, so a live writer's staging is never taken for a dead one's.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
+from kapi.core.files import locked
 from kapi.trainer.service.jobs import Staging
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,5 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def _locked(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    with path.open("a") as file:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+def _locked(path: Path | None) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext() if path is None else locked(path)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydantic
 
 from kapi.core.errors import NotFound
+from kapi.core.files import replace_text
 from kapi.trainer.service.jobs import JobRecord, JobState
 
 log = logging.getLogger(__name__)
@@ -76,13 +75,4 @@ class JobStore:
 
 def _replace(path: Path, document: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(document + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    replace_text(path, document + "\n")
