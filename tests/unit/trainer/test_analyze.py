@@ -89,7 +89,7 @@ def test_an_exact_duplicate_across_splits_is_leakage(
     leak = content["leakage"]["test"]
     assert leak["exact"] == 1
     assert leak["exact_indices"] == [test]
-    assert {"index": test, "train_index": train, "kind": "exact"} in leak["examples"]
+    assert {"index": test, "partner_index": train, "kind": "exact"} in leak["examples"]
     assert test not in leak["near_indices"]  # an exact duplicate is not counted twice
 
 
@@ -106,7 +106,7 @@ def test_a_brightened_noisy_copy_is_a_near_duplicate(
     assert test in leak["near_indices"]
     (example,) = [e for e in leak["examples"] if e["index"] == test]
     assert example["kind"] == "near"
-    assert example["train_index"] == train
+    assert example["partner_index"] == train
     assert example["distance"] <= 4
     assert example["pixel_correlation"] >= analysis.ALIKE
     assert leak["near_alike"] >= 1
@@ -218,6 +218,23 @@ def test_scikit_learn_digits_analyze_end_to_end(tmp_path: Path) -> None:
     summary = load(report)["summary"]
     assert summary["samples"] == 1797
     assert sum(summary["splits"].values()) == 1797
-    assert set(summary["leakage"]) == {"val", "test"}
+    assert set(summary["leakage"]) == {"val", "test", "test_vs_val"}
     assert report.summary_lines()[0].startswith("digits sha256:")
     assert all(path.is_file() for path in report.plots.values())
+
+
+def test_a_test_image_that_duplicates_a_val_image_is_leakage_too() -> None:
+    from kapi.trainer.data.analyze.leakage import find_leakage
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    x[5] = x[3]  # test #5 is val #3
+    split = np.array(["train", "train", "train", "val", "val", "test"])
+    content = np.array([0, 1, 2, 3, 4, 3])  # ids of the distinct contents
+    found = find_leakage(x, content, split, near=None)
+    assert set(found) == {"val", "test", "test_vs_val"}
+    assert found["test"]["exact"] == 0  # nothing of train in test
+    leak = found["test_vs_val"]
+    assert (leak["split"], leak["against"]) == ("test", "val")
+    assert leak["exact_indices"] == [5]
+    assert leak["examples"] == [{"index": 5, "partner_index": 3, "kind": "exact"}]

@@ -1,5 +1,6 @@
 """Leakage: val and test samples with an exact or a near duplicate in the training split,
-each near one paired with the training sample of the closest phash. Those pairs' pixel
+and test samples with one in the val split (model selection on val would see them), each
+near one paired with the sample of the closest phash in the other split. Those pairs' pixel
 correlation (blind to brightness and contrast) is reported with them: on small images,
 phashes within a few bits are often merely similar items, and the correlation tells."""
 
@@ -12,27 +13,38 @@ import numpy.typing as npt
 
 from kapi.trainer.data.analyze.arrays import Array, Ints, batches
 from kapi.trainer.data.analyze.duplicates import EXAMPLES, NearPairs, first_member
-from kapi.trainer.data.store import SPLITS
 
 ALIKE = 0.98  # pixel correlation above which a near pair is counted as alike
 
 
+# (section, the split it leaks from, the split its duplicates are in)
+PAIRS = (("val", "val", "train"), ("test", "test", "train"), ("test_vs_val", "test", "val"))
+
+
 def find_leakage(x: Array, content: Ints, split: Array, near: NearPairs | None) -> dict[str, Any]:
-    """Per val and test split: its samples with a duplicate in the training split."""
-    train = split == "train"
-    exact = first_member(content, train, int(content.max()) + 1)[content]
+    """Per section of PAIRS: the samples of one split with a duplicate in the other."""
+    found = {}
+    for section, leaking, against in PAIRS:
+        if (split == leaking).any() and (split == against).any():
+            found[section] = _leakage(x, content, split, near, leaking, against)
+    return found
+
+
+def _leakage(
+    x: Array, content: Ints, split: Array, near: NearPairs | None, leaking: str, against: str
+) -> dict[str, Any]:
+    other = split == against
+    exact = first_member(content, other, int(content.max()) + 1)[content]
     close, distance = np.full(len(x), -1, dtype=np.int64), np.zeros(len(x), dtype=np.int64)
     if near is not None:
-        close, distance = near.closest_in(train)
+        close, distance = near.closest_in(other)
         close[exact >= 0] = -1
-    leaked = np.flatnonzero(close >= 0)
+    members = split == leaking
+    leaked = np.flatnonzero(members & (close >= 0))
     correlation = np.zeros(len(x))
     correlation[leaked] = _pixel_correlation(x, leaked, close[leaked])
-    return {
-        s: _split_leakage(split == s, exact, close, distance, correlation, near is not None)
-        for s in SPLITS[1:]
-        if (split == s).any()
-    }
+    result = _split_leakage(members, exact, close, distance, correlation, near is not None)
+    return {"split": leaking, "against": against, **result}
 
 
 def _split_leakage(
@@ -47,12 +59,12 @@ def _split_leakage(
     near = np.flatnonzero(members & (near_partner >= 0))
     near = near[np.argsort(-correlation[near], kind="stable")]  # the most alike first
     examples = [
-        {"index": int(i), "train_index": int(exact_partner[i]), "kind": "exact"}
+        {"index": int(i), "partner_index": int(exact_partner[i]), "kind": "exact"}
         for i in exact[:EXAMPLES]
     ] + [
         {
             "index": int(i),
-            "train_index": int(near_partner[i]),
+            "partner_index": int(near_partner[i]),
             "kind": "near",
             "distance": int(distance[i]),
             "pixel_correlation": round(float(correlation[i]), 4),

@@ -116,17 +116,21 @@ def _group_line(group: dict[str, Any]) -> str:
 def _leakage_lines(
     leakage: dict[str, Any], searched: bool, plots: dict[str, Path], unit: str
 ) -> list[str]:
-    header = ["split", unit, "exact"]
+    header = ["split, in", unit, "exact"]
     header += ["near", f"near, pixel correlation >= {ALIKE}"] if searched else []
     rows = []
-    for name, leak in leakage.items():
+    for leak in leakage.values():
         counts = [leak["exact"], *([leak["near"], leak["near_alike"]] if searched else [])]
-        examples = [f"#{e['index']} = train #{e['train_index']}" for e in leak["examples"][:4]]
+        examples = [
+            f"#{e['index']} = {leak['against']} #{e['partner_index']}" for e in leak["examples"][:4]
+        ]
+        where = f"{leak['split']} in {leak['against']}"
         rows.append(
-            [name, f"{leak['samples']:,}", *(f"{n:,}" for n in counts), ", ".join(examples)]
+            [where, f"{leak['samples']:,}", *(f"{n:,}" for n in counts), ", ".join(examples)]
         )
     lines = [
-        f"## Leakage: val and test {unit} that duplicate training {unit}",
+        f"## Leakage: val and test {unit} that duplicate training {unit}, and test {unit} "
+        f"that duplicate val {unit}",
         "",
         _table([*header, "examples"], rows),
         "",
@@ -135,7 +139,7 @@ def _leakage_lines(
         "",
     ]
     if "leakage" in plots:
-        lines += [f"![leaked pairs, the training twin below]({plots['leakage'].name})", ""]
+        lines += [f"![leaked pairs, the twin below]({plots['leakage'].name})", ""]
     return lines
 
 

@@ -35,7 +35,7 @@ def plot_all(
         rows.append([(x[i], f"#{i}") for i in chosen])
     plots["samples"] = out / "samples.png"
     _image_grid(rows, plots["samples"], row_labels=classes)
-    leaked = [(s, e) for s, leak in sections["leakage"].items() for e in leak["examples"]]
+    leaked = [(leak, e) for leak in sections["leakage"].values() for e in leak["examples"]]
     if leaked:
         # Exact first, then the near pairs most alike: those most likely to be one image.
         leaked.sort(
@@ -45,8 +45,11 @@ def plot_all(
         plots["leakage"] = out / "leakage.png"
         _image_grid(
             [
-                [(x[e["index"]], f"{s} #{e['index']}\n{_likeness(e)}") for s, e in pairs],
-                [(x[e["train_index"]], f"train #{e['train_index']}") for _, e in pairs],
+                [(x[e["index"]], f"{s['split']} #{e['index']}\n{_likeness(e)}") for s, e in pairs],
+                [
+                    (x[e["partner_index"]], f"{s['against']} #{e['partner_index']}")
+                    for s, e in pairs
+                ],
             ],
             plots["leakage"],
         )

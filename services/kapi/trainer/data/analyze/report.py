@@ -38,14 +38,17 @@ class Report:
             f"class balance: {splits}; imbalance max/min {ratio_text(s['imbalance'])}",
             duplicates,
         ]
-        for name, leak in s["leakage"].items():
+        for leak in s["leakage"].values():
             kinds = f"exact {leak['exact']:,}"
             if near is not None:
                 kinds += f", near {leak['near']:,}"
             if leak["near"]:
                 kinds += f"; {leak['near_alike']:,} of those alike in pixels, r >= {ALIKE}"
             total = leak["exact"] + leak["near"]
-            lines.append(f"leakage: {total:,} {name} {unit} duplicate training {unit} ({kinds})")
+            against = "training" if leak["against"] == "train" else leak["against"]
+            lines.append(
+                f"leakage: {total:,} {leak['split']} {unit} duplicate {against} {unit} ({kinds})"
+            )
         top = ", ".join(f"#{o['index']} {o['class']} {o['score']:.1f}" for o in s["outliers"])
         lines.append(f"outliers (robust z): {top}")
         return lines
@@ -69,7 +72,7 @@ def summary(sections: dict[str, Any]) -> dict[str, Any]:
         if near is None
         else {key: near[key] for key in ("groups", "samples", "threshold")},
         "leakage": {
-            s: {key: leak[key] for key in ("exact", "near", "near_alike")}
+            s: {key: leak[key] for key in ("split", "against", "exact", "near", "near_alike")}
             for s, leak in sections["leakage"].items()
         },
         "outliers": [
