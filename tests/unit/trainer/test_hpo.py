@@ -21,8 +21,10 @@ from kapi.trainer.bundle import export_onnx
 from kapi.trainer.data.sources import open_source
 from kapi.trainer.data.store import DatasetStore
 from kapi.trainer.hpo import cost
+from kapi.trainer.hpo.config import HpoConfig, load_config
 from kapi.trainer.hpo.measure import measure, rapl_zones
-from kapi.trainer.hpo.study import HpoConfig, _below_median, _redact, load_config, run_hpo
+from kapi.trainer.hpo.objective import below_median, redact
+from kapi.trainer.hpo.study import run_hpo
 from sqlalchemy.engine import make_url
 
 from tests.support.node import KAPI
@@ -221,7 +223,7 @@ def test_two_workers_on_a_real_postgresql(
     config = _config(trials=2, workers=2, models=["small_cnn"], epochs=1, storage=postgres_database)
     result = run_hpo(config, store, tmp_path, log=lambda line: None)
     assert result.summary["trials"]["complete"] == 2
-    assert result.summary["storage"] == _redact(postgres_database)
+    assert result.summary["storage"] == redact(postgres_database)
     lineage = json.loads((result.bundle / "lineage.json").read_text())
     assert lineage["hpo"]["study"] == "s"
     assert not (tmp_path / "study.db").exists()  # the study lives in PostgreSQL
@@ -259,14 +261,14 @@ def test_the_median_rule_prunes_only_below_the_finished_trials_no_slower() -> No
             )
         )
     trial = study.ask()
-    assert not _below_median(trial, 1, 0.1, startup=5, latency=1.0)  # fewer than 5: never
-    assert _below_median(trial, 1, 0.55, startup=4, latency=1.0)  # epoch 1: median 0.6
-    assert not _below_median(trial, 1, 0.6, startup=4, latency=1.0)
-    assert _below_median(trial, 2, 0.79, startup=3, latency=1.0)  # epoch 2: median 0.8
-    assert not _below_median(trial, 2, 0.79, startup=4, latency=1.0)
+    assert not below_median(trial, 1, 0.1, startup=5, latency=1.0)  # fewer than 5: never
+    assert below_median(trial, 1, 0.55, startup=4, latency=1.0)  # epoch 1: median 0.6
+    assert not below_median(trial, 1, 0.6, startup=4, latency=1.0)
+    assert below_median(trial, 2, 0.79, startup=3, latency=1.0)  # epoch 2: median 0.8
+    assert not below_median(trial, 2, 0.79, startup=4, latency=1.0)
     # A faster trial is compared with none of them: each is slower by more than the tie.
-    assert not _below_median(trial, 1, 0.1, startup=1, latency=0.5)
-    assert _below_median(trial, 1, 0.1, startup=4, latency=0.95)  # within 10%: the same
+    assert not below_median(trial, 1, 0.1, startup=1, latency=0.5)
+    assert below_median(trial, 1, 0.1, startup=4, latency=0.95)  # within 10%: the same
 
 
 def test_a_network_is_costed_once_a_study(study_run: Any) -> None:
@@ -320,12 +322,12 @@ def test_measure_times_a_model_in_a_fresh_process(tmp_path: Path) -> None:
 
 def test_a_storage_url_is_recorded_without_its_password() -> None:
     url = "postgresql+psycopg://kapi:s3cret@db:5432/optuna?sslmode=require&password=other"
-    redacted = _redact(url)
+    redacted = redact(url)
     assert redacted is not None
     assert "s3cret" not in redacted
     assert "other" not in redacted
     assert redacted.startswith("postgresql+psycopg://kapi:***@db:5432/optuna?")
-    sqlite = _redact("sqlite:////tmp/a@b/study.db")  # an @ in a path is no password
+    sqlite = redact("sqlite:////tmp/a@b/study.db")  # an @ in a path is no password
     assert sqlite is not None
     assert make_url(sqlite).database == "/tmp/a@b/study.db"
 

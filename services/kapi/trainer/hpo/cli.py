@@ -33,9 +33,8 @@ def add_arguments(train: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, store: Any) -> None:
     from kapi.core.requirements import load_requirements
-    from kapi.trainer.hpo.study import _print as loud
-    from kapi.trainer.hpo.study import _silent as quiet
-    from kapi.trainer.hpo.study import load_config, run_hpo
+    from kapi.trainer.hpo.config import load_config
+    from kapi.trainer.hpo.study import print_line, run_hpo, silent
     from kapi.trainer.push import check_push, push_from_args
 
     if args.requirements is None:
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace, store: Any) -> None:
     config = load_config(**{k: v for k, v in fields.items() if v is not None})
     check_push(args)
     out = args.out or Path("kapi-runs") / config.study
-    result = run_hpo(config, store, out, log=quiet if args.json else loud)
+    result = run_hpo(config, store, out, log=silent if args.json else print_line)
     if args.json:
         pushed = push_from_args(args, result.bundle)
         print(json.dumps({"bundle": str(result.bundle), **result.summary, **pushed}, indent=2))

@@ -230,7 +230,7 @@ class HpoJob(TrainOptions):
         return {"requirements.json": json.dumps(self.requirements, indent=2)}
 
     def staging(self, place: JobPlace) -> list[Staging]:
-        # the chosen bundle's swap (kapi.trainer.hpo.study), and each trial's bundle
+        # the chosen bundle's swap (kapi.trainer.hpo.report), and each trial's bundle
         return [Staging(place.out, ".bundle-*"), Staging(place.out, "trials/*/.bundle-*")]
 
 
