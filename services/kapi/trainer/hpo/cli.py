@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, store: Any) -> None:
     if model_error.get("checked"):
         print(
             f"cost model on {model_error['profile']}: mean error "
-            f"{model_error['mean_abs_error']:.0%} over {model_error['checked']} architectures"
+            f"{model_error['mean_abs_error']:.0%} over {model_error['checked']} networks"
         )
     print(f"front {out / 'front.json'}, plot {out / 'front.png'}, bundle {result.bundle}")
     push_from_args(args, result.bundle)

@@ -128,7 +128,7 @@ def _count_states(records: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _cost_model_error(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The estimate against the measurement, once an architecture (costed once a study)."""
+    """The estimate against the measurement, once a network (costed once a study)."""
     by_architecture = {
         (row["flops"], row["parameters"]): row["cost_model_error"]
         for r in records
