@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument("--log-format", choices=["text", "json"])
     node.set_defaults(handler=_node)
+    from kapi.optimizer.cli import add_commands as add_optimizer_commands
     from kapi.repository.cli import add_commands
     from kapi.trainer.cli import add_commands as add_data_commands
     from kapi.trainer.service.cli import add_commands as add_trainer_commands
@@ -109,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     add_commands(commands)
     add_data_commands(commands)
     add_trainer_commands(commands)
+    add_optimizer_commands(commands)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""The optimizer: ONNX packaging and compression of trainer bundles, each variant measured."""
