@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import pydantic
 from pydantic_settings import SettingsError
@@ -21,13 +21,8 @@ def _node(args: argparse.Namespace) -> None:
     from kapi.node.server import NodeServer
     from kapi.node.settings import NodeSettings
 
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in {"command", "handler"} and value is not None
-    }
     try:
-        settings = NodeSettings(**overrides)
+        settings = NodeSettings.from_args(args)
     except pydantic.ValidationError as exc:
         _fail(f"invalid settings: {_problems(exc)}")
     except SettingsError as exc:  # an environment value that does not parse (a list, say)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from tests.support.node import HOST, KAPI, free_port, terminate
+from tests.support.registry import wait_healthy
 
-READY_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 180.0  # a job on a busy 2-core machine: the interpreter and torch start slowly
 FINISHED = ("succeeded", "failed", "cancelled")
 TIMEOUT = httpx.Timeout(30.0, read=JOB_TIMEOUT_S)
@@ -64,16 +64,8 @@ def start_service(data: Path, log_dir: Path, *args: str) -> RunningService:
             stderr=subprocess.STDOUT,
         )
     service = RunningService(process, port, data, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{service.log()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{service.url}/healthz", timeout=2.0).status_code == 200:
-                return service
-        time.sleep(0.05)
-    service.kill()
-    raise RuntimeError(f"the service did not answer in {READY_TIMEOUT_S} s:\n{service.log()}")
+    wait_healthy("the service", service.url, process, service.log)
+    return service
 
 
 @contextlib.contextmanager

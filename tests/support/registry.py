@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +79,25 @@ def start_repository(
             env={**os.environ, **(env or {})},
         )
     running = RunningRepository(process, port, data, log_path)
+    wait_healthy("the repository", running.url, process, running.log)
+    return running
+
+
+def wait_healthy(
+    what: str, url: str, process: subprocess.Popen[bytes], log: Callable[[], str]
+) -> None:
+    """Until URL/healthz answers 200; killed, with its log in the error, if it never does."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the repository exited with {process.returncode}:\n{running.log()}")
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{running.url}/healthz", timeout=2.0).status_code == 200:
-                return running
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
         time.sleep(0.05)
-    running.kill()
-    raise RuntimeError(f"the repository did not answer in {READY_TIMEOUT_S} s:\n{running.log()}")
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"{what} did not answer in {READY_TIMEOUT_S} s:\n{log()}")
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+from typing import Literal, Self
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -14,3 +15,14 @@ class ServiceSettings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        """The settings, with the flags given on the command line over the environment
+        (the parser's own keys and the flags left out are not settings)."""
+        given = {
+            key: value
+            for key, value in vars(args).items()
+            if key not in {"command", "action", "handler"} and value is not None
+        }
+        return cls(**given)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from kapi.core.errors import FailedPrecondition, InvalidArgument
-from kapi.trainer import models
 from kapi.trainer.bundle import export_onnx
 from kapi.trainer.data.store import Dataset, DatasetStore
+from kapi.trainer.training import TrainConfig, build_model
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 CALIBRATION_SAMPLES = 512
@@ -61,20 +61,8 @@ def load_bundle(bundle: Path, store: DatasetStore) -> tuple[torch.nn.Module, Dat
         state = torch.load(bundle / "state_dict.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InvalidArgument(f"{bundle} is not a kapi bundle: {exc}") from exc
-    config = lineage["config"]
     dataset = store.get(lineage["dataset"]["name"], lineage["dataset"]["digest"])
-    shape = dataset.preprocessing.input_shape(tuple(dataset.meta["sample_shape"]))
-    extra = (
-        {"input_size": max(shape[1:])} if "input_size" in models.options(config["model"]) else {}
-    )
-    model = models.build(
-        config["model"],
-        in_channels=shape[0],
-        num_classes=len(dataset.classes),
-        width=config["width"],
-        depth=config["depth"],
-        **extra,
-    )
+    model = build_model(TrainConfig.model_validate(lineage["config"]), dataset)
     model.load_state_dict(state)
     return model.eval(), dataset
 

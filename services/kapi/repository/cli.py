@@ -113,12 +113,7 @@ def _serve(args: argparse.Namespace) -> None:
     from kapi.repository.server import serve
     from kapi.repository.settings import RepositorySettings
 
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in {"command", "action", "handler"} and value is not None
-    }
-    settings = RepositorySettings(**overrides)
+    settings = RepositorySettings.from_args(args)
     configure_logging(settings.log_level, settings.log_format)
     serve(settings)
 

@@ -32,11 +32,6 @@ def _serve(args: argparse.Namespace) -> None:
     from kapi.trainer.service.server import serve
     from kapi.trainer.service.settings import TrainerServiceSettings
 
-    overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in {"command", "action", "handler"} and value is not None
-    }
-    settings = TrainerServiceSettings(**overrides)
+    settings = TrainerServiceSettings.from_args(args)
     configure_logging(settings.log_level, settings.log_format)
     serve(settings)
