@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository bench-trainer clean
+.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository bench-trainer bench-optimizer clean
 
 install: $(VENV)/.installed datasets
 
@@ -55,6 +55,9 @@ bench-repository: install
 
 bench-trainer: install
 	$(PY) bench/trainer.py
+
+bench-optimizer: install
+	$(PY) bench/optimizer.py
 
 clean:
 	rm -rf $(VENV) bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -101,11 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     from kapi.repository.cli import add_commands
     from kapi.trainer.cli import add_commands as add_data_commands
     from kapi.trainer.service.cli import add_commands as add_trainer_commands
+    from kapi.verifier.cli import add_commands as add_verifier_commands
 
     add_commands(commands)
     add_data_commands(commands)
     add_trainer_commands(commands)
     add_optimizer_commands(commands)
+    add_verifier_commands(commands)
     return parser
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from kapi.core.errors import InvalidArgument
 from kapi.core.hardware import is_known_profile
@@ -49,11 +56,28 @@ class Target(_Spec):
 
 
 class Robustness(_Spec):
-    gaussian_noise_std: Positive
+    """Accuracy under perturbations of the test images, on a [0, 1] pixel scale: Gaussian
+    noise of this standard deviation, brightness shifted by ± this much, the image shifted by
+    this many pixels (each way, the worst counts). At least one is given."""
+
+    gaussian_noise_std: Positive | None = None
+    brightness_delta: Positive | None = None
+    shift_pixels: Annotated[int, Field(gt=0)] | None = None
     min_accuracy: Fraction
+
+    @model_validator(mode="after")
+    def _some_perturbation(self) -> Robustness:
+        if (self.gaussian_noise_std, self.brightness_delta, self.shift_pixels) == (None,) * 3:
+            raise ValueError(
+                "give at least one of gaussian_noise_std, brightness_delta, shift_pixels"
+            )
+        return self
 
 
 class Formal(_Spec):
+    """Certified robustness: for this fraction of the test inputs sampled, no L-infinity
+    perturbation within each epsilon (on the [0, 1] pixel scale) changes the prediction."""
+
     epsilons: Annotated[list[Positive], Field(min_length=1)]
     min_certified_fraction: Fraction
 

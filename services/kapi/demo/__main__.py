@@ -4,7 +4,8 @@ stateful sequence, shared memory, a load with overrides), show the node holding 
 a broken model, a malformed request and SIGTERM under load; then push the CNN to a kapi
 model repository, serve it from there through `digits@production` and move the alias under
 traffic; ingest and analyze datasets, train the small CNN, run a short hardware-aware HPO
-study and push its chosen model; and leave the repository on disk.
+study and push its chosen model; optimize and verify it, catch a planted regression at the
+promotion gate; and leave the repository on disk.
 
 Needs the dev extra (torch, onnx, openvino, tritonclient).
 """
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   its data, the node's cache and log, and the export stay in {registry}")
     kapi = Path(sys.executable).with_name("kapi")
     _data.data_stage(root.parent / "demo-data", registry / "data")
-    print(f"12. the repository stays in {root}; serve it yourself with:")
+    print(f"13. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 

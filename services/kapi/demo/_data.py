@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from kapi.demo._optimize import optimize_stage
 from kapi.trainer.data.analyze import analyze
 from kapi.trainer.data.sources import FASHION_MNIST, open_source
 from kapi.trainer.data.store import DatasetStore
@@ -40,6 +41,7 @@ def data_stage(root: Path, registry: Path) -> None:
             print(f"     {line}")
     train_stage(store, root)
     hpo_stage(root, sources[-1][1], registry)
+    optimize_stage(root, sources[-1][1], registry)
 
 
 def train_stage(store: DatasetStore, root: Path) -> None:
@@ -58,8 +60,8 @@ def train_stage(store: DatasetStore, root: Path) -> None:
 
 
 def hpo_stage(root: Path, dataset: str, registry: Path) -> None:
-    """A short hardware-aware study with `kapi train --hpo`, its chosen bundle's variants
-    (`kapi optimize`), and the bundle pushed to the model repository with `kapi push`."""
+    """A short hardware-aware study with `kapi train --hpo`, and its chosen bundle pushed to
+    the model repository with `kapi push`."""
     from kapi.core.hardware import detect_profiles
     from kapi.demo._registry import running_repository
 
@@ -85,12 +87,6 @@ def hpo_stage(root: Path, dataset: str, registry: Path) -> None:
     for line in done.stdout.splitlines():
         print(f"     {line}")
     print(f"   the study took {time.monotonic() - started:.0f} s")
-    optimize = ["optimize", str(root / "hpo" / "bundle"), "--root", str(root), "--out",
-                str(root / "hpo" / "variants")]  # fmt: skip
-    print(f"   kapi {' '.join(optimize)}")
-    done = subprocess.run([*kapi, *optimize], capture_output=True, text=True, check=True)
-    for line in done.stdout.splitlines():
-        print(f"     {line}")
     with running_repository(registry) as (_, env):
         pushed = subprocess.run(
             [*kapi, "push", dataset, str(root / "hpo" / "bundle")],

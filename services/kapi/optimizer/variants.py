@@ -1,15 +1,9 @@
-"""The optimizer's first stages: a trainer bundle exported again from its PyTorch weights,
-simplified (onnxslim, then shape inference and onnx's checker) with its parity to PyTorch
-recorded, and compressed by small plugins chosen by name:
-
-    ort-int8-static   ONNX Runtime static int8, QDQ, per-channel weights, calibrated on the
-                      dataset's training split with the stored preprocessing (minmax,
-                      entropy or percentile)
-    fp16              the float16 conversion of ONNX Runtime's tools, inputs and outputs
-                      kept fp32
-
-Every variant is measured on ONNX Runtime where it will run: accuracy on the test split,
-latency at batch 1 (a fresh process, kapi.trainer.hpo.measure), size.
+"""A source's variants, each built by its plugins (kapi.optimizer.plugins) and measured on
+the runtime that will serve it: accuracy and top-1 agreement with fp32 on the test split,
+latency p50/p95 at batch 1 on one thread and peak memory (a fresh process,
+kapi.trainer.hpo.measure), throughput at the best batch with every core, size. With a
+requirements spec every variant is verified too (kapi.verifier), its report beside it, and
+the table marks those that fail.
 """
 
 from __future__ import annotations
@@ -17,217 +11,68 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from kapi.core.errors import FailedPrecondition, InvalidArgument
-from kapi.trainer.bundle import export_onnx
-from kapi.trainer.data.store import Dataset, DatasetStore
-from kapi.trainer.training import TrainConfig, build_model
+from kapi.core.requirements import Requirements
+from kapi.optimizer.plugins import CALIBRATIONS, Chain, Context, parse_chain
+from kapi.optimizer.source import (
+    Source,
+    calibration_samples,
+    export_simplified,
+    held_out,
+    simplify,
+    validation,
+)
+from kapi.trainer.hpo.measure import best_throughput, measure, runtime_present
+from kapi.verifier.artifact import Logits, open_artifact, runner
 
-CALIBRATIONS = ("minmax", "entropy", "percentile")
-CALIBRATION_SAMPLES = 512
-EVAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class Parity:
-    max_abs_difference: float
-    top1_agreement: float
-    samples: int
+MEASURED_RUNTIMES = ("onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     precision: str
-    path: str
-    size_bytes: int
-    accuracy: float
-    top1_agreement: float  # with the fp32 ONNX model, on the test split
-    latency_p50_ms: float
-    latency_p95_ms: float
+    runtime: str
+    path: str  # relative to the variants folder; "" when skipped
+    status: str  # "built", or "skipped: <why>"
+    size_bytes: int = 0
+    accuracy: float | None = None
+    top1_agreement: float | None = None  # with the fp32 ONNX model, on the test split
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    peak_memory_mb: float | None = None
+    throughput_rps: float | None = None
+    throughput_batch: int | None = None
+    verified: bool | None = None  # None: no requirements were given
+    notes: list[str] = field(default_factory=list)
 
 
-def load_bundle(bundle: Path, store: DatasetStore) -> tuple[torch.nn.Module, Dataset]:
-    """The bundle's PyTorch model (its state dict in the zoo's architecture) and dataset."""
-    try:
-        lineage = json.loads((bundle / "lineage.json").read_text())
-        state = torch.load(bundle / "state_dict.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise InvalidArgument(f"{bundle} is not a kapi bundle: {exc}") from exc
-    dataset = store.get(lineage["dataset"]["name"], lineage["dataset"]["digest"])
-    model = build_model(TrainConfig.model_validate(lineage["config"]), dataset)
-    model.load_state_dict(state)
-    return model.eval(), dataset
-
-
-def export_simplified(model: torch.nn.Module, dataset: Dataset, path: Path) -> Parity:
-    """ONNX (opset 17, dynamic batch), simplified and checked; its parity with PyTorch on the
-    test split."""
-    import onnx
-    import onnxslim
-
-    shape = dataset.preprocessing.input_shape(tuple(dataset.meta["sample_shape"]))
-    raw = path.with_name(path.stem + ".raw.onnx")
-    export_onnx(model, shape, raw)
-    simplified = onnxslim.slim(str(raw))
-    raw.unlink()
-    simplified = onnx.shape_inference.infer_shapes(simplified, strict_mode=True)
-    onnx.checker.check_model(simplified, full_check=True)
-    onnx.save(simplified, str(path))
-    x, _ = _test_split(dataset)
-    with torch.no_grad():
-        expected = np.concatenate(
-            [
-                model(torch.from_numpy(x[i : i + EVAL_BATCH])).numpy()
-                for i in range(0, len(x), EVAL_BATCH)
-            ]
-        )
-    got = _logits(path, x)
-    return Parity(
-        max_abs_difference=float(np.abs(got - expected).max()),
-        top1_agreement=float((got.argmax(1) == expected.argmax(1)).mean()),
-        samples=len(x),
-    )
-
-
-def quantize_int8_static(source: Path, target: Path, dataset: Dataset, calibration: str) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    if calibration not in CALIBRATIONS:
-        raise InvalidArgument(f"unknown calibration {calibration!r}; choose from {CALIBRATIONS}")
-    method = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }[calibration]
-    samples = calibration_samples(dataset)
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.batches: Iterator[np.ndarray[Any, Any]] = iter(
-                samples[i : i + 1] for i in range(len(samples))
-            )
-
-        def get_next(self) -> dict[str, np.ndarray[Any, Any]] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {"input": batch}
-
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = target.with_name("prepared.onnx")  # shapes inferred, graph optimized, as ORT asks
-    quant_pre_process(str(source), str(prepared))
-    quantize_static(
-        str(prepared),
-        str(target),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=method,
-    )
-    prepared.unlink()
-
-
-def convert_fp16(source: Path, target: Path, dataset: Dataset, calibration: str) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-    _sort_nodes(model.graph)  # the converter appends its input casts after their readers
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(target))
-
-
-def _sort_nodes(graph: Any) -> None:
-    """Order a graph's nodes so that each comes after the producers of its inputs."""
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        runnable = [n for n in pending if all(name in ready for name in n.input)]
-        if not runnable:
-            raise InvalidArgument("the graph has a cycle or an input nothing produces")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        taken = {id(n) for n in runnable}
-        pending = [n for n in pending if id(n) not in taken]
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-PLUGINS: dict[str, tuple[str, Callable[[Path, Path, Dataset, str], None]]] = {
-    "ort-int8-static": ("int8", quantize_int8_static),
-    "fp16": ("fp16", convert_fp16),
-}
-
-
-def calibration_samples(dataset: Dataset) -> np.ndarray[Any, Any]:
-    """A seeded sample of the training split, preprocessed as at serving."""
-    x, _ = dataset.split("train")
-    if not len(x):
-        raise FailedPrecondition(f"dataset '{dataset.name}' has no training split to calibrate on")
-    chosen = np.random.default_rng(0).permutation(len(x))[:CALIBRATION_SAMPLES]
-    return dataset.preprocessing.apply(x[np.sort(chosen)])
+@dataclass(frozen=True)
+class Options:
+    calibration: str = "minmax"
+    calibration_data: Path | None = None  # a .npy of raw images instead of the training split
+    prune_ratio: float = 0.5
+    fine_tune_epochs: int = 3
+    requirements: Requirements | None = None
+    profile: str | None = None  # the profile the variants are verified for
+    runs: int = 500
 
 
 def build_variants(
-    bundle: Path,
-    store: DatasetStore,
-    out: Path,
-    *,
-    plugins: list[str],
-    calibration: str = "minmax",
-    runs: int = 500,
+    source: Source, out: Path, plugins: list[str], options: Options = Options()
 ) -> dict[str, Any]:
-    """Every variant of `bundle` under `out` (written aside, renamed into place), with its
+    """Every variant of `source` under `out` (written aside, renamed into place), with its
     table in `out/variants.json`."""
-    from kapi.trainer.hpo.measure import measure
-
-    unknown = sorted(set(plugins) - set(PLUGINS))
-    if unknown:
-        raise InvalidArgument(f"unknown optimization(s) {unknown}; choose from {sorted(PLUGINS)}")
-    model, dataset = load_bundle(bundle, store)
-    if out.exists():
-        raise InvalidArgument(f"{out} exists already; choose another --out")
+    chains = [parse_chain(name) for name in plugins]
+    _check(source, chains, options, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        reference = staging / "fp32" / "model.onnx"
-        reference.parent.mkdir()
-        parity = export_simplified(model, dataset, reference)
-        x, y = _test_split(dataset)
-        fp32_logits = _logits(reference, x)
-        rows = [_row("fp32", "fp32", reference, fp32_logits, fp32_logits, y, runs, measure)]
-        for name in plugins:
-            precision, build = PLUGINS[name]
-            target = staging / name / "model.onnx"
-            target.parent.mkdir()
-            build(reference, target, dataset, calibration)
-            logits = _logits(target, x)
-            rows.append(_row(name, precision, target, logits, fp32_logits, y, runs, measure))
-        table = {
-            "bundle": str(bundle),
-            "parity": asdict(parity),
-            "calibration": calibration,
-            "variants": [
-                asdict(r) | {"path": str(Path(r.path).relative_to(staging))} for r in rows
-            ],
-        }
+        table = _build(source, chains, options, staging)
         (staging / "variants.json").write_text(json.dumps(table, indent=2) + "\n")
         staging.chmod(0o755)
         staging.rename(out)
@@ -237,43 +82,157 @@ def build_variants(
     return table
 
 
-def _row(
-    name: str,
-    precision: str,
-    path: Path,
-    logits: np.ndarray[Any, Any],
-    reference: np.ndarray[Any, Any],
-    labels: np.ndarray[Any, Any],
-    runs: int,
-    measure: Any,
-) -> Variant:
-    timed = measure(path, "onnxruntime", runs=runs)
-    return Variant(
-        name=name,
-        precision=precision,
-        path=str(path),
-        size_bytes=path.stat().st_size,
-        accuracy=float((logits.argmax(1) == labels).mean()),
-        top1_agreement=float((logits.argmax(1) == reference.argmax(1)).mean()),
+def _check(source: Source, chains: list[Chain], options: Options, out: Path) -> None:
+    if options.calibration not in CALIBRATIONS:
+        raise InvalidArgument(
+            f"unknown calibration {options.calibration!r}; choose from {CALIBRATIONS}"
+        )
+    if not 0 < options.prune_ratio < 1:
+        raise InvalidArgument(f"--prune-ratio must lie in (0, 1), not {options.prune_ratio}")
+    if source.model is None and any(chain.model_steps for chain in chains):
+        raise InvalidArgument("pruning changes the PyTorch weights: give a bundle, not a model")
+    if out.exists():
+        raise InvalidArgument(f"{out} exists already; choose another --out")
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """What every variant is measured against: the test split and the fp32 model's logits."""
+
+    staging: Path
+    source: Source
+    options: Options
+    x: Any
+    y: Any
+    fp32: Logits
+    reference: Path
+    pruned: dict[tuple[str, ...], tuple[Any, list[str]]]  # by steps: the model, its notes
+
+
+def _build(source: Source, chains: list[Chain], options: Options, staging: Path) -> dict[str, Any]:
+    dataset = source.dataset
+    reference = staging / "fp32" / "model.onnx"
+    reference.parent.mkdir()
+    parity = None
+    if source.model is not None:
+        parity = asdict(export_simplified(source.model, dataset, reference))
+    else:
+        assert source.onnx is not None
+        simplify(source.onnx, reference)
+    spec = options.requirements
+    context = Context(
+        dataset=dataset,
+        calibration=options.calibration,
+        samples=calibration_samples(dataset, options.calibration_data),
+        validation=validation(dataset),
+        max_drop=spec.accuracy.max_drop_vs_reference if spec and spec.accuracy else None,
+        prune_ratio=options.prune_ratio,
+        fine_tune_epochs=options.fine_tune_epochs,
+        config=source.config,
+    )
+    _check_calibration(reference, context)
+    x, y = held_out(dataset)
+    fp32 = runner(open_artifact(reference))(x)
+    judge = _Judge(staging, source, options, x, y, fp32, reference, {})
+    rows = [_measure(judge, Variant("fp32", "fp32", "onnxruntime", "", "built"), reference)]
+    rows += [_variant(judge, chain, context) for chain in chains]
+    return {
+        "source": str(source.path),
+        "bundle": str(source.path) if source.model is not None else None,
+        "dataset": {"name": dataset.name, "digest": dataset.digest},
+        "parity": parity,
+        "calibration": options.calibration,
+        "calibration_data": str(options.calibration_data) if options.calibration_data else None,
+        "variants": [asdict(row) for row in rows],
+    }
+
+
+def _check_calibration(reference: Path, context: Context) -> None:
+    """The calibration set must be what the model takes (a wrong .npy is refused up front)."""
+    try:
+        runner(open_artifact(reference))(context.samples[:1])
+    except Exception as exc:  # the runtime's own error: a shape or type it refuses
+        shape = list(context.samples.shape[1:])
+        raise InvalidArgument(
+            f"the calibration set ({shape} a sample) does not fit the model: {exc}"
+        ) from exc
+
+
+def _variant(judge: _Judge, chain: Chain, context: Context) -> Variant:
+    folder = judge.staging / chain.name
+    folder.mkdir()
+    context.notes = []
+    start = judge.reference
+    if chain.model_steps:
+        model = _pruned(judge, chain, context)
+        start = folder / "pruned.onnx"
+        export_simplified(model, context.dataset, start)
+    step = chain.graph_step
+    if step is None:  # pruning alone: the pruned fp32 export is the variant
+        row = Variant(chain.name, "fp32", "onnxruntime", "", "built", notes=context.notes)
+        return _measure(judge, row, start.rename(folder / "model.onnx"))
+    row = Variant(chain.name, step.precision, step.runtime, "", "built", notes=context.notes)
+    try:
+        artifact = step.build(start, folder, context)
+    except FailedPrecondition as exc:  # TensorRT without a GPU, say
+        shutil.rmtree(folder)
+        return replace(row, status=f"skipped: {exc.message}")
+    if start != judge.reference:
+        start.unlink()
+    return _measure(judge, row, artifact)
+
+
+def _pruned(judge: _Judge, chain: Chain, context: Context) -> Any:
+    """The chain's model steps applied to the bundle's model; each prefix of steps is run once
+    a build (prune-structured, then prune-structured+ort-int8-static, prune and fine-tune once)."""
+    assert judge.source.model is not None  # _check refused pruning without a bundle
+    model, notes = judge.source.model, list(context.notes)
+    names: tuple[str, ...] = ()
+    for name, step in chain.model_steps:
+        names += (name,)
+        if names not in judge.pruned:
+            context.notes = list(notes)
+            judge.pruned[names] = (step.build(model, context), list(context.notes))
+        model, notes = judge.pruned[names]
+    context.notes = list(notes)
+    return model
+
+
+def _measure(judge: _Judge, row: Variant, path: Path) -> Variant:
+    row = replace(row, path=str(path.relative_to(judge.staging)), size_bytes=path.stat().st_size)
+    if row.runtime not in MEASURED_RUNTIMES or not runtime_present(row.runtime):
+        return replace(row, notes=[*row.notes, f"{row.runtime} is not measured on this machine"])
+    artifact = open_artifact(path)
+    logits = runner(artifact)(judge.x)
+    runs = judge.options.runs
+    timed = measure(path, row.runtime, runs=runs)
+    rps, batch = best_throughput(path, row.runtime, runs=runs)
+    row = replace(
+        row,
+        size_bytes=artifact.size_bytes,
+        accuracy=float((logits.argmax(1) == judge.y).mean()),
+        top1_agreement=float((logits.argmax(1) == judge.fp32.argmax(1)).mean()),
         latency_p50_ms=timed.latency_p50_ms,
         latency_p95_ms=timed.latency_p95_ms,
+        peak_memory_mb=timed.peak_memory_mb,
+        throughput_rps=rps,
+        throughput_batch=batch,
     )
+    spec = judge.options.requirements
+    if spec is None:
+        return row
+    from kapi.core.hardware import cpu_profiles
+    from kapi.verifier.evidence import Holdout
+    from kapi.verifier.report import verify, write_report
 
-
-def _test_split(dataset: Dataset) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    x, y = dataset.split("test")
-    if not len(x):
-        raise FailedPrecondition(f"dataset '{dataset.name}' has no test split to judge on")
-    return dataset.preprocessing.apply(x), y
-
-
-def _logits(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.concatenate(
-        [
-            session.run(["logits"], {"input": x[i : i + EVAL_BATCH]})[0]
-            for i in range(0, len(x), EVAL_BATCH)
-        ]
+    profile = judge.options.profile or cpu_profiles()[0]
+    report = verify(
+        path,
+        spec,
+        Holdout.from_dataset(judge.source.dataset),
+        profile=profile,
+        reference=judge.reference,
+        runs=runs,
     )
+    write_report(report, path.parent)
+    return replace(row, verified=report["passed"])

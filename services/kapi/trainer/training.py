@@ -308,7 +308,7 @@ def _load_splits(
 ) -> _Splits:
     x_all, y_all, split = dataset.arrays()
     if train_samples is not None:
-        split = _subset_train(split, y_all, train_samples, seed)
+        split = subset_train(split, y_all, train_samples, seed)
     preprocessing = dataset.preprocessing
     splits = _Splits({}, {}, len(dataset.classes))
     for which in ("train", "val", "test"):
@@ -322,7 +322,7 @@ def _load_splits(
     return splits
 
 
-def _subset_train(
+def subset_train(
     split: np.ndarray[Any, Any], y: np.ndarray[Any, Any], samples: int, seed: int
 ) -> np.ndarray[Any, Any]:
     """`split` with all but `samples` training samples (stratified, seeded) marked unused."""

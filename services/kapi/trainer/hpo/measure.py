@@ -37,6 +37,7 @@ class Measurement:
     peak_memory_mb: float
     energy_mj: float | None  # per inference, from RAPL; None where it is not readable
     energy_source: str  # "rapl:<zones>" or "unavailable"
+    batch: int = 1  # samples per timed call
 
 
 def runtime_present(runtime: str) -> bool:
@@ -48,18 +49,42 @@ def runtime_present(runtime: str) -> bool:
 
 
 def measure(
-    model: Path, runtime: str = "onnxruntime", *, threads: int = 1, runs: int = 200
+    model: Path,
+    runtime: str = "onnxruntime",
+    *,
+    threads: int = 1,
+    runs: int = 200,
+    batch: int = 1,
 ) -> Measurement:
-    """Time `model` (input "input", output "logits") in a fresh process."""
+    """Time `model` (ONNX, or OpenVINO IR's model.xml; input "input", output "logits") at
+    `batch` in a fresh process."""
     if not runtime_present(runtime):
         raise FailedPrecondition(f"runtime {runtime} is not installed here")
     command = [sys.executable, "-m", "kapi.trainer.hpo.measure", str(model)]
     command += ["--runtime", runtime, "--threads", str(threads), "--runs", str(runs)]
+    command += ["--batch", str(batch)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         raise FailedPrecondition(f"timing {model.name} on {runtime} failed: {tail[0]}")
     return Measurement(**json.loads(done.stdout))
+
+
+def best_throughput(
+    model: Path,
+    runtime: str = "onnxruntime",
+    *,
+    runs: int = 200,
+    batches: tuple[int, ...] = (1, 8, 32),
+) -> tuple[float, int]:
+    """(inferences per second, the batch that gave them): the best over `batches`, with every
+    core, each in a fresh process."""
+    best = (0.0, 0)
+    threads = os.cpu_count() or 1
+    for batch in batches:
+        timed = measure(model, runtime, threads=threads, runs=max(20, runs // batch), batch=batch)
+        best = max(best, (batch * 1e3 / timed.latency_p50_ms, batch))
+    return best
 
 
 def _status_kb(field: str) -> float:
@@ -96,21 +121,32 @@ def _session(model: Path, runtime: str, threads: int) -> Any:
     import openvino
 
     compiled = openvino.Core().compile_model(
-        str(model), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        str(model),
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # as the node serves it, not bf16 where it could
+        },
     )
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})
 
 
-def _input_shape(model: Path) -> list[int]:
+def _input_shape(model: Path, batch: int) -> list[int]:
+    if model.suffix == ".xml":  # OpenVINO IR
+        import openvino
+
+        shape = openvino.Core().read_model(str(model)).inputs[0].get_partial_shape()
+        return [batch, *(dim.get_length() for dim in list(shape)[1:])]
     import onnx
 
     graph = onnx.load(str(model), load_external_data=False).graph
     dims = graph.input[0].type.tensor_type.shape.dim
-    return [1, *(d.dim_value for d in dims[1:])]
+    return [batch, *(d.dim_value for d in dims[1:])]
 
 
-def _run(model: Path, runtime: str, threads: int, runs: int) -> Measurement:
+def _run(model: Path, runtime: str, threads: int, runs: int, batch: int = 1) -> Measurement:
     import onnx  # noqa: F401 - imported before the baseline, as the runtime's own imports are
 
     if runtime == "onnxruntime":
@@ -118,7 +154,7 @@ def _run(model: Path, runtime: str, threads: int, runs: int) -> Measurement:
     else:
         import openvino  # noqa: F401
     baseline_kb = _status_kb("VmRSS")
-    x = np.random.default_rng(0).standard_normal(_input_shape(model)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(_input_shape(model, batch)).astype(np.float32)
     infer = _session(model, runtime, threads)
     for _ in range(max(10, runs // 10)):
         infer(x)
@@ -142,6 +178,7 @@ def _run(model: Path, runtime: str, threads: int, runs: int) -> Measurement:
         peak_memory_mb=max(peak_kb - baseline_kb, 0.0) / 1024,
         energy_mj=energy,
         energy_source="rapl:" + ",".join(z.name for z in zones) if zones else "unavailable",
+        batch=batch,
     )
 
 
@@ -151,8 +188,10 @@ def main() -> None:
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(asdict(_run(args.model, args.runtime, args.threads, args.runs))))
+    measured = _run(args.model, args.runtime, args.threads, args.runs, args.batch)
+    print(json.dumps(asdict(measured)))
 
 
 if __name__ == "__main__":

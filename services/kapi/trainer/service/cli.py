@@ -1,14 +1,25 @@
-"""`kapi trainer serve`: the trainer's job service."""
+"""`kapi trainer serve`: the trainer's job service; `add_service` makes any job service's
+`kapi NAME serve` (the optimizer's is `kapi optimizer serve`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 from typing import Any
+
+TRAINER_SETTINGS = "kapi.trainer.service.settings:TrainerServiceSettings"
 
 
 def add_commands(commands: Any) -> None:
-    trainer = commands.add_parser("trainer", help="the trainer's job service")
-    actions = trainer.add_subparsers(dest="action", required=True)
+    add_service(commands, "trainer", TRAINER_SETTINGS)
+
+
+def add_service(commands: Any, name: str, settings: str) -> None:
+    """`kapi NAME serve`, the job service whose settings class is `settings` (MODULE:CLASS,
+    imported only when it runs, so that the other commands start fast)."""
+    service = commands.add_parser(name, help=f"the {name}'s job service")
+    actions = service.add_subparsers(dest="action", required=True)
     serve = actions.add_parser("serve", help="serve the job API (REST; OpenAPI at /docs)")
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="default 8080")
@@ -24,14 +35,16 @@ def add_commands(commands: Any) -> None:
     serve.add_argument("--pvc", help="kubernetes: the volume claim mounted at DATA")
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"])
-    serve.set_defaults(handler=_serve)
+    serve.set_defaults(handler=functools.partial(_serve, settings))
 
 
-def _serve(args: argparse.Namespace) -> None:
+def _serve(settings_class: str, args: argparse.Namespace) -> None:
     from kapi.core.logging import configure_logging
     from kapi.trainer.service.server import serve
-    from kapi.trainer.service.settings import TrainerServiceSettings
+    from kapi.trainer.service.settings import JobServiceSettings
 
-    settings = TrainerServiceSettings.from_args(args)
+    module, _, name = settings_class.partition(":")
+    loaded: type[JobServiceSettings] = getattr(importlib.import_module(module), name)
+    settings = loaded.from_args(args)
     configure_logging(settings.log_level, settings.log_format)
     serve(settings)

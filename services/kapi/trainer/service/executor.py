@@ -2,7 +2,8 @@
 following a log, cleaning up after a job that did not succeed) and the one choice each makes,
 how a job is run (`_launch`, `_stop`, `_read_log`).
 
-An executor is chosen by name (`EXECUTORS`) from the settings.
+An executor is chosen by name (`EXECUTORS`) from the settings, and runs the kinds of job
+they name.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
-from kapi.core.errors import Conflict
-from kapi.trainer.service.jobs import JobPlace, JobRecord, JobSpec, JobState
-from kapi.trainer.service.settings import TrainerServiceSettings
+from kapi.core.errors import Conflict, InvalidArgument
+from kapi.trainer.service.jobs import JobPlace, JobRecord, JobSpec, JobState, kind_names
+from kapi.trainer.service.settings import JobServiceSettings
 from kapi.trainer.service.staging import remove_staging
 from kapi.trainer.service.store import JobStore
 
@@ -40,12 +41,12 @@ def now() -> datetime:
 class Executor(ABC):
     name: ClassVar[str]
 
-    def __init__(self, settings: TrainerServiceSettings, store: JobStore) -> None:
+    def __init__(self, settings: JobServiceSettings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
 
     @classmethod
-    def from_settings(cls, settings: TrainerServiceSettings, store: JobStore) -> Executor:
+    def from_settings(cls, settings: JobServiceSettings, store: JobStore) -> Executor:
         return cls(settings, store)
 
     def place(self, job_id: str) -> JobPlace:
@@ -66,6 +67,14 @@ class Executor(ABC):
         """Before the service exits."""
 
     async def submit(self, spec: JobSpec) -> JobRecord:
+        """Record the job and start (or queue) it. A kind the service does not run is
+        refused (InvalidArgument); paths outside its folders too (SpecRefused)."""
+        if not isinstance(spec, self.settings.kinds):
+            kinds = ", ".join(kind_names(self.settings.kinds))
+            raise InvalidArgument(
+                f"the {self.settings.service} service does not run {spec.kind} jobs, only {kinds}"
+            )
+        spec = spec.with_inputs(self.settings.inputs)
         job_id = self.store.new_id()
         job = JobRecord(
             id=job_id,
@@ -161,7 +170,7 @@ def last_line(log_text: str) -> str | None:
     return lines[-1] if lines else None
 
 
-def open_executor(settings: TrainerServiceSettings, store: JobStore) -> Executor:
+def open_executor(settings: JobServiceSettings, store: JobStore) -> Executor:
     module, _, name = EXECUTORS[settings.executor].partition(":")
     executor: type[Executor] = getattr(importlib.import_module(module), name)
     return executor.from_settings(settings, store)

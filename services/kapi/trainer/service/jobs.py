@@ -6,25 +6,40 @@ command line by one rule (`field_name` -> `--field-name=VALUE`, True -> `--field
 None and False left out, `positional` fields last after `--`), then adds the options the
 service alone decides (`--root`, `--out`). Adding a kind is a class and one line in
 `JobSpec`: its `command`, its fields, and, when it writes something, where its result is
-(`result`) and what a killed run of it may leave (`staging`).
+(`result`) and what a killed run of it may leave (`staging`); a service serves the kinds its
+settings name (`kinds`), and its API takes and documents those alone (`spec_union`,
+`record_model`).
+
+Fields that name a file the job reads (`paths`) are taken relative to the service's DATA and
+must lie in its datasets or jobs folders (`Inputs`): a job reads what the service keeps, not
+any file of the machine (or the pod) it runs on.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 # As the dataset store has it: a DNS label.
 DatasetName = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+# NAME or NAME@DIGEST, as `kapi optimize --dataset` and `kapi verify --dataset` take it.
+DatasetRef = Annotated[
+    str, Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(@(sha256:)?[0-9a-f]{1,64})?$")
+]
+# A file or folder the job reads (see `Inputs`).
+WHERE = "relative to the service's data folder, or absolute; in its datasets or jobs folder"
+ServicePath = Annotated[str, Field(min_length=1, max_length=4096, description=WHERE)]
 Positive = Annotated[int, Field(ge=1)]
 Share = Annotated[float, Field(ge=0.0, lt=1.0)]
 # A Kubernetes quantity: "500m", "2", "4Gi", "1.5e3".
@@ -39,6 +54,42 @@ class JobPlace:
 
     root: Path
     out: Path
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Where a job may read the files its spec names: a path relative to `base`, or an
+    absolute one, that exists inside one of `folders` (after symlinks and '..')."""
+
+    base: Path
+    folders: tuple[Path, ...]
+
+    def resolve(self, path: str) -> Path:
+        """The path, absolute; ValueError saying why it is refused."""
+        try:
+            resolved = (self.base / path).resolve()  # an absolute `path` stays itself
+            inside = any(_inside(resolved, folder.resolve()) for folder in self.folders)
+            exists = inside and resolved.exists()
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a folder it may not read
+            raise ValueError(f"{path}: cannot be resolved: {exc}") from exc
+        if not inside:
+            folders = " or ".join(str(folder) for folder in self.folders)
+            raise ValueError(f"{path} is outside the service's folders ({folders})")
+        if not exists:
+            raise ValueError(f"{path}: no such file or folder ({resolved})")
+        return resolved
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and path.is_relative_to(folder)
+
+
+class SpecRefused(ValueError):
+    """A spec's paths that `Inputs` refused: (field, why) each."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {why}" for field, why in problems))
+        self.problems = problems
 
 
 @dataclass(frozen=True)
@@ -68,6 +119,7 @@ class BaseJob(BaseModel):
     command: ClassVar[tuple[str, ...]]  # the kapi subcommand, e.g. ("data", "ingest")
     positional: ClassVar[tuple[str, ...]] = ()
     not_options: ClassVar[frozenset[str]] = frozenset({"kind", "resources"})
+    paths: ClassVar[tuple[str, ...]] = ()  # the fields that name a file the job reads
 
     kind: str  # each kind's Literal: what a spec's "kind" chooses
     resources: Resources = Resources()
@@ -102,6 +154,23 @@ class BaseJob(BaseModel):
     def files(self) -> dict[str, str]:
         """Files the command reads, written into the job's folder before it runs."""
         return {}
+
+    def with_inputs(self, inputs: Inputs) -> Self:
+        """This spec with each of its `paths` absolute; SpecRefused where one is not in
+        `inputs`."""
+        resolved: dict[str, str] = {}
+        problems: list[tuple[str, str]] = []
+        for name in self.paths:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                resolved[name] = str(inputs.resolve(value))
+            except ValueError as exc:
+                problems.append((name, str(exc)))
+        if problems:
+            raise SpecRefused(problems)
+        return self.model_copy(update=resolved) if resolved else self
 
 
 def _option(name: str, value: Any) -> list[str]:
@@ -173,6 +242,31 @@ def _requirements(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+# A requirements spec given inline (checked as `kapi.core.requirements` reads one), written
+# into the job's folder for the command to read.
+InlineRequirements = Annotated[dict[str, Any], AfterValidator(_requirements)]
+REQUIREMENTS = "requirements.json"
+
+
+def requirements_option(place: JobPlace) -> str:
+    return f"--requirements={place.out / REQUIREMENTS}"
+
+
+def requirements_file(document: dict[str, Any]) -> dict[str, str]:
+    return {REQUIREMENTS: json.dumps(document, indent=2)}
+
+
+def _known_profile(name: str) -> str:
+    from kapi.core.hardware import is_known_profile
+
+    if not is_known_profile(name):
+        raise ValueError(f"unknown hardware profile {name!r}")
+    return name
+
+
+Profile = Annotated[str, AfterValidator(_known_profile)]
+
+
 def _no_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -193,7 +287,7 @@ class HpoJob(TrainOptions):
     not_options = BaseJob.not_options | {"requirements"}
 
     kind: Literal["hpo"]
-    requirements: Annotated[dict[str, Any], AfterValidator(_requirements)]
+    requirements: InlineRequirements
     trials: Positive | None = None
     study: DatasetName | None = None
     # No password: the URL is kept in the job record and the command line (a Kubernetes Job's
@@ -223,11 +317,10 @@ class HpoJob(TrainOptions):
     choose: Literal["most-accurate", "fastest", "smallest"] | None = None
 
     def service_options(self, place: JobPlace) -> list[str]:
-        spec = place.out / "requirements.json"
-        return [*super().service_options(place), f"--requirements={spec}"]
+        return [*super().service_options(place), requirements_option(place)]
 
     def files(self) -> dict[str, str]:
-        return {"requirements.json": json.dumps(self.requirements, indent=2)}
+        return requirements_file(self.requirements)
 
     def staging(self, place: JobPlace) -> list[Staging]:
         # the chosen bundle's swap (kapi.trainer.hpo.report), and each trial's bundle
@@ -264,7 +357,102 @@ class IngestJob(BaseJob):
         return found[0] if len(found) == 1 else None
 
 
-JobSpec = Annotated[TrainJob | HpoJob | IngestJob, Field(discriminator="kind")]
+# An optimization: a plugin, or a chain of them (prune-structured+ort-int8-static); the
+# names themselves are kapi optimize's to check (its plugins import torch).
+Optimization = Annotated[str, Field(pattern=r"^[a-z0-9-]{1,64}(\+[a-z0-9-]{1,64}){0,7}$")]
+VARIANTS = "variants"
+
+
+class OptimizeJob(BaseJob):
+    """`kapi optimize`: a bundle's (or an ONNX model's) variants, each measured and, with
+    requirements (inline, written beside the job), verified; in the job's folder."""
+
+    command = ("optimize",)
+    positional = ("source",)
+    paths = ("source", "calibration_data")
+    not_options = BaseJob.not_options | {"requirements"}
+
+    kind: Literal["optimize"]
+    source: ServicePath = Field(description=f"a kapi train bundle, or an ONNX model; {WHERE}")
+    dataset: DatasetRef | None = None
+    optimizations: Annotated[list[Optimization], Field(min_length=1)] | None = None
+    calibration: Literal["minmax", "entropy", "percentile"] | None = None
+    calibration_data: ServicePath | None = None
+    prune_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None
+    fine_tune_epochs: Annotated[int, Field(ge=0)] | None = None
+    requirements: InlineRequirements | None = None
+    targets: Annotated[list[Profile], Field(min_length=1)] | None = None
+    runs: Positive | None = None
+
+    def service_options(self, place: JobPlace) -> list[str]:
+        options = [*super().service_options(place), f"--out={place.out / VARIANTS}"]
+        return options + ([requirements_option(place)] if self.requirements else [])
+
+    def files(self) -> dict[str, str]:
+        return requirements_file(self.requirements) if self.requirements else {}
+
+    def gpus(self) -> int:
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return 1 if any(target.startswith("nvidia-") for target in self.targets or []) else 0
+
+    def staging(self, place: JobPlace) -> list[Staging]:
+        # kapi.optimizer.variants builds the folder beside --out, then renames it into place
+        return [Staging(place.out, f".{VARIANTS}-*")]
+
+    def result(self, place: JobPlace, log: str) -> Path | None:
+        variants = place.out / VARIANTS
+        return variants if (variants / "variants.json").is_file() else None
+
+
+class VerifyJob(BaseJob):
+    """`kapi verify`: every check of the requirements (inline, written beside the job) on a
+    variant; its report goes in the job's own folder."""
+
+    command = ("verify",)
+    positional = ("variant",)
+    paths = ("variant", "reference")
+    not_options = BaseJob.not_options | {"requirements"}
+
+    kind: Literal["verify"]
+    variant: ServicePath = Field(description=f"model.onnx, model.xml, or a folder; {WHERE}")
+    requirements: InlineRequirements
+    dataset: DatasetRef | None = None
+    reference: ServicePath | None = None
+    profile: Profile | None = None
+    samples: Positive | None = None
+    formal_samples: Positive | None = None
+    runs: Positive | None = None
+
+    def service_options(self, place: JobPlace) -> list[str]:
+        options = [*super().service_options(place), requirements_option(place)]
+        return [*options, f"--report-dir={place.out}"]
+
+    def files(self) -> dict[str, str]:
+        return requirements_file(self.requirements)
+
+    def gpus(self) -> int:
+        if self.resources.gpus is not None:
+            return self.resources.gpus
+        return 1 if (self.profile or "").startswith("nvidia-") else 0
+
+    def result(self, place: JobPlace, log: str) -> Path | None:
+        """The report the command wrote (kapi.verifier.report) in the job's folder."""
+        report = place.out / "report.json"
+        return report if report.is_file() else None
+
+
+JobSpec = Annotated[
+    TrainJob | HpoJob | IngestJob | OptimizeJob | VerifyJob, Field(discriminator="kind")
+]
+
+
+@functools.cache
+def spec_union(kinds: tuple[type[BaseJob], ...]) -> Any:
+    """The spec a service takes: one of `kinds`, chosen by its "kind"."""
+    if len(kinds) == 1:
+        return kinds[0]
+    return Annotated[Union[kinds], Field(discriminator="kind")]  # noqa: UP007
 
 
 class JobRecord(BaseModel):
@@ -294,3 +482,19 @@ class JobRecord(BaseModel):
     @property
     def finished(self) -> bool:
         return self.state in FINISHED
+
+
+@functools.cache
+def record_model(kinds: tuple[type[BaseJob], ...]) -> type[JobRecord]:
+    """JobRecord with its spec one of `kinds`: what a service answers, and documents."""
+    return create_model(
+        "JobRecord",
+        __base__=JobRecord,
+        __doc__=JobRecord.__doc__,
+        spec=(spec_union(kinds), ...),
+    )
+
+
+def kind_names(kinds: Sequence[type[BaseJob]]) -> list[str]:
+    """The kinds' names, as a spec's "kind" gives them."""
+    return [get_args(kind.model_fields["kind"].annotation)[0] for kind in kinds]

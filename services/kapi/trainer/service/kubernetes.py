@@ -25,13 +25,13 @@ from kapi.trainer.service.jobs import JobRecord, JobState
 from kapi.trainer.service.manifest import (
     CONTAINER,
     JOB_ID,
-    MANAGED_BY,
     build_job,
     failure_of,
     job_name,
+    managed_by,
     state_of,
 )
-from kapi.trainer.service.settings import TrainerServiceSettings
+from kapi.trainer.service.settings import JobServiceSettings
 from kapi.trainer.service.staging import remove_staging
 from kapi.trainer.service.store import JobStore
 
@@ -51,7 +51,7 @@ class KubernetesExecutor(Executor):
 
     def __init__(
         self,
-        settings: TrainerServiceSettings,
+        settings: JobServiceSettings,
         store: JobStore,
         batch: client.BatchV1Api,
         core: client.CoreV1Api,
@@ -64,7 +64,7 @@ class KubernetesExecutor(Executor):
         self._cleanups: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_settings(cls, settings: TrainerServiceSettings, store: JobStore) -> Executor:
+    def from_settings(cls, settings: JobServiceSettings, store: JobStore) -> Executor:
         try:
             # ~/.kube/config (or $KUBECONFIG) where there is one, else the pod's account.
             config.load_config()  # type: ignore[no-untyped-call]
@@ -116,7 +116,7 @@ class KubernetesExecutor(Executor):
         listed = await asyncio.to_thread(
             self.batch.list_namespaced_job,
             self.settings.namespace,
-            label_selector=f"app.kubernetes.io/managed-by={MANAGED_BY}",
+            label_selector=f"app.kubernetes.io/managed-by={managed_by(self.settings)}",
         )
         found = {_label(item, JOB_ID): item for item in listed.items}
         for job in unfinished:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kapi.trainer.service.executor import LOG_CHUNK, TAIL, Executor, last_line, now
 from kapi.trainer.service.jobs import JobRecord, JobState
-from kapi.trainer.service.settings import TrainerServiceSettings
+from kapi.trainer.service.settings import JobServiceSettings
 from kapi.trainer.service.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ REAP_TIMEOUT_S = 10.0  # for a killed process of a previous run of the service t
 class LocalExecutor(Executor):
     name = "local"
 
-    def __init__(self, settings: TrainerServiceSettings, store: JobStore) -> None:
+    def __init__(self, settings: JobServiceSettings, store: JobStore) -> None:
         super().__init__(settings, store)
         self._slots = asyncio.Semaphore(settings.concurrency)
         # One thread per running job waits for its process, so waits never queue behind

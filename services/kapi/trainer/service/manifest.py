@@ -7,14 +7,13 @@ import re
 
 from kapi.core.errors import InvalidArgument, MissingExtra
 from kapi.trainer.service.jobs import JobRecord, JobState
-from kapi.trainer.service.settings import TrainerServiceSettings
+from kapi.trainer.service.settings import JobServiceSettings
 
 try:
     from kubernetes import client
 except ImportError as exc:  # pragma: no cover - the client is there wherever tests run
     raise MissingExtra("kubernetes", "trainer") from exc
 
-MANAGED_BY = "kapi-trainer"
 JOB_ID = "kapi.dev/job-id"
 JOB_KIND = "kapi.dev/job-kind"
 CONTAINER = "kapi"
@@ -31,17 +30,22 @@ def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-") or "kapi-job"
 
 
-def labels(job: JobRecord) -> dict[str, str]:
+def managed_by(settings: JobServiceSettings) -> str:
+    """The label value of the Jobs a service manages (and lists): kapi-trainer, say."""
+    return f"kapi-{settings.service}"
+
+
+def labels(job: JobRecord, settings: JobServiceSettings) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kapi",
-        "app.kubernetes.io/component": "trainer-job",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/component": f"{settings.service}-job",
+        "app.kubernetes.io/managed-by": managed_by(settings),
         JOB_ID: job.id,
         JOB_KIND: dns_label(job.kind),
     }
 
 
-def build_job(job: JobRecord, settings: TrainerServiceSettings) -> client.V1Job:
+def build_job(job: JobRecord, settings: JobServiceSettings) -> client.V1Job:
     """The Job that runs `job.command` (the records' paths are the pod's paths too)."""
     if not settings.pvc:
         raise InvalidArgument("the kubernetes executor needs pvc, the data volume's claim")
@@ -84,20 +88,20 @@ def build_job(job: JobRecord, settings: TrainerServiceSettings) -> client.V1Job:
         metadata=client.V1ObjectMeta(
             name=job_name(job),
             namespace=settings.namespace,
-            labels=labels(job),
+            labels=labels(job, settings),
             annotations={JOB_ID: job.id, JOB_KIND: job.kind},
         ),
         spec=client.V1JobSpec(
             backoff_limit=0,
             ttl_seconds_after_finished=settings.ttl_s,
             template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels(job)), spec=pod
+                metadata=client.V1ObjectMeta(labels=labels(job, settings)), spec=pod
             ),
         ),
     )
 
 
-def resources(job: JobRecord, settings: TrainerServiceSettings) -> client.V1ResourceRequirements:
+def resources(job: JobRecord, settings: JobServiceSettings) -> client.V1ResourceRequirements:
     """The settings' requests and limits; what the job asks for is both its request and
     its limit. GPUs are limits alone, as extended resources are."""
     asked = job.spec.resources

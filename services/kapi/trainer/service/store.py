@@ -3,6 +3,9 @@ every change, so that a restarted service finds every job as it last was.
 
 The records live in memory too, and change only on the event loop; the writes go through
 one thread, in the order they were asked for, so an older state never lands last.
+
+A store given `kinds` keeps to the records of those: services that share a data folder (the
+trainer's and the optimizer's) each see, run and answer for their own jobs alone.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +28,9 @@ RECORD = "job.json"
 
 
 class JobStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, kinds: Collection[str] | None = None) -> None:
         self.directory = directory
+        self.kinds = frozenset(kinds) if kinds is not None else None
         directory.mkdir(parents=True, exist_ok=True)
         self._jobs = {job.id: job for job in self._load()}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-records")
@@ -67,9 +72,12 @@ class JobStore:
         jobs = []
         for path in sorted(self.directory.glob(f"*/{RECORD}")):
             try:
-                jobs.append(JobRecord.model_validate_json(path.read_bytes()))
+                job = JobRecord.model_validate_json(path.read_bytes())
             except (OSError, pydantic.ValidationError) as exc:  # kept, never overwritten
                 log.warning("a job record cannot be read", extra={"path": str(path), "error": exc})
+                continue
+            if self.kinds is None or job.kind in self.kinds:  # another service's otherwise
+                jobs.append(job)
         return jobs
 
 

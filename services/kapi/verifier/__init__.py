@@ -1,0 +1,1 @@
+"""The verifier: requirement checks, test-based and formal, on the very artifact that is served."""
