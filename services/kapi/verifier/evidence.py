@@ -50,14 +50,6 @@ class Holdout:
         """The raw value that the [0, 1] pixel scale's 1 stands for (255 for 8-bit images)."""
         return 1.0 / self.preprocessing.scale
 
-    def input_box(self, eps: float) -> tuple[npt.NDArray[np.float32], ...]:
-        """ε on the [0, 1] pixel scale in input units, per channel, and the inputs' valid
-        range ([0, 1] pixels after normalization): (eps, lower, upper), each [1, C, 1, 1].
-        Resizing and grayscale conversion average pixels, so they keep an L∞ ball a ball."""
-        mean = np.array(self.preprocessing.mean, np.float32)[None, :, None, None]
-        std = np.array(self.preprocessing.std, np.float32)[None, :, None, None]
-        return (np.float32(eps) / std, (0 - mean) / std, (1 - mean) / std)
-
 
 class Evidence:
     """The artifact's measured facts, each computed once, on first use."""

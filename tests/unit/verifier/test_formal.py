@@ -7,7 +7,7 @@ linear (an int8 QDQ model, Sigmoid, Softmax) is refused with the operator named.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,16 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 PIXEL = 1 / 255
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread: as fast on networks this small, and not slowed down many times
+    over by OpenMP threads waiting on each other when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Builder:
