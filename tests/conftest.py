@@ -1,5 +1,5 @@
-"""Fixtures shared by every test suite: loopback ports, where node processes log, and a
-PostgreSQL server with a fresh database per test."""
+"""Fixtures shared by every test suite: loopback ports, where node processes log, a
+PostgreSQL server with a fresh database per test, and real NVIDIA Triton servers."""
 
 from __future__ import annotations
 
@@ -19,9 +19,18 @@ from tests.support.postgres import (
     running_postgres,
 )
 from tests.support.registry import RunningRepository, start_repository
+from tests.support.triton import (
+    RunningTriton,
+    TritonFactory,
+    TritonModel,
+    start_triton,
+    triton_unavailable,
+)
 
 # Set (by CI, where PostgreSQL is installed) to fail, not skip, when it cannot start.
 REQUIRE_POSTGRES_ENV = "KAPI_TEST_REQUIRE_POSTGRES"
+# Set (by CI, where bench/tritonpeer/setup.sh installed Triton) to fail, not skip, without it.
+REQUIRE_TRITON_ENV = "KAPI_TEST_REQUIRE_TRITON"
 
 
 @pytest.fixture
@@ -107,3 +116,34 @@ def start_kapi_repository(node_logs: Path) -> Iterator[RepositoryFactory]:
     yield start
     for repository in started:
         repository.terminate()
+
+
+def require_triton() -> None:
+    """Skip without Triton, or fail where KAPI_TEST_REQUIRE_TRITON is set."""
+    if (reason := triton_unavailable()) is not None:
+        if os.environ.get(REQUIRE_TRITON_ENV):
+            pytest.fail(f"{REQUIRE_TRITON_ENV} is set, but {reason}", pytrace=False)
+        pytest.skip(f"no Triton: {reason}")
+
+
+@pytest.fixture(name="start_triton")
+def start_triton_fixture(
+    node_logs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonFactory]:
+    """Starts real tritonserver processes (NVIDIA Triton 2.51, CPU, python backend running
+    ONNX Runtime) for one test and stops every one at its end: `start_triton({name: (onnx,
+    config)}, args=[...])`, as tests.support.triton.start_triton takes them. Skips when Triton
+    is not installed (bench/tritonpeer/setup.sh), or fails where KAPI_TEST_REQUIRE_TRITON is
+    set."""
+    require_triton()
+    servers: list[RunningTriton] = []
+
+    def start(models: Mapping[str, TritonModel], *, args: Sequence[str] = ()) -> RunningTriton:
+        workdir = tmp_path_factory.mktemp("triton")
+        server = start_triton(models, workdir, node_logs, args=args)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.terminate()

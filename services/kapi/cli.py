@@ -97,12 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument("--log-format", choices=["text", "json"])
     node.set_defaults(handler=_node)
+    from kapi.gateway.cli import add_commands as add_gateway_commands
     from kapi.optimizer.cli import add_commands as add_optimizer_commands
     from kapi.repository.cli import add_commands
     from kapi.trainer.cli import add_commands as add_data_commands
     from kapi.trainer.service.cli import add_commands as add_trainer_commands
     from kapi.verifier.cli import add_commands as add_verifier_commands
 
+    add_gateway_commands(commands)
     add_commands(commands)
     add_data_commands(commands)
     add_trainer_commands(commands)

@@ -121,15 +121,17 @@ def start_node(
     args: Sequence[str] = (),
     wait_for: WaitFor = "ready",
     attempts: int = 3,
+    ports: tuple[int, int, int] | None = None,
 ) -> RunningNode:
     """A `kapi node` serving `repository` (None: no directory, for a node that follows the
     model repository), ready (or only live: `wait_for`). `args` are
-    more command-line flags."""
+    more command-line flags; `ports` (gRPC, HTTP, metrics) are the ones to listen on, for a
+    node started again where it was."""
     flags = [*(["--model-control-mode", "explicit"] if explicit else [])]
     for name in load_models:
         flags += ["--load-model", name]
     for attempt in range(attempts):
-        node = _spawn(repository, log_dir, [*flags, *args], env or {}, attempt)
+        node = _spawn(repository, log_dir, [*flags, *args], env or {}, attempt, ports)
         try:
             _wait(node, wait_for)
         except NodeFailedToStart:
@@ -174,8 +176,9 @@ def _spawn(
     flags: Sequence[str],
     env: Mapping[str, str],
     attempt: int,
+    ports: tuple[int, int, int] | None = None,
 ) -> RunningNode:
-    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    grpc_port, http_port, metrics_port = ports or (free_port(), free_port(), free_port())
     command = [
         str(KAPI), "node",
         *(["--model-repository", str(repository)] if repository is not None else []),
