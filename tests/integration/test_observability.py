@@ -106,6 +106,14 @@ def test_statistics_of_every_model_and_version(client: grpcclient.InferenceServe
     assert {("triton_all", "1"), ("triton_all", "2"), ("triton_all", "3")} <= served
     assert ("triton_latest", "1") not in served
     assert [(s.name, s.version) for s in one_version] == [("triton_all", "2")]
+    # A model without a version: every version of it loaded, as Triton's statistics
+    # extension documents ("if not provided Triton will return statistics for all versions").
+    every_version = client.get_inference_statistics("triton_all").model_stats
+    assert sorted((s.name, s.version) for s in every_version) == [
+        ("triton_all", "1"),
+        ("triton_all", "2"),
+        ("triton_all", "3"),
+    ]
 
 
 def test_metrics_carry_model_and_version_labels(

@@ -5,7 +5,8 @@ a broken model, a malformed request and SIGTERM under load; then push the CNN to
 model repository, serve it from there through `digits@production` and move the alias under
 traffic; ingest and analyze datasets, train the small CNN, run a short hardware-aware HPO
 study and push its chosen model; optimize and verify it, catch a planted regression at the
-promotion gate; and leave the repository on disk.
+promotion gate; route the demo's traffic through a gateway over two nodes with different
+hardware profiles, with a 90/10 split; and leave the repository on disk.
 
 Needs the dev extra (torch, onnx, openvino, tritonclient).
 """
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kapi.demo import _data, _hardening, _parity, _registry, _repository, _serving
+from kapi.demo import _data, _gateway, _hardening, _parity, _registry, _repository, _serving
 
 DEFAULT_ROOT = Path("demo-repository")
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   its data, the node's cache and log, and the export stay in {registry}")
     kapi = Path(sys.executable).with_name("kapi")
     _data.data_stage(root.parent / "demo-data", registry / "data")
-    print(f"13. the repository stays in {root}; serve it yourself with:")
+    _gateway.gateway_stage(root, root.parent / "demo-gateway")
+    print(f"14. the repository stays in {root}; serve it yourself with:")
     print(f"   {kapi} node --model-repository {root}")
 
 

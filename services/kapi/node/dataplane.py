@@ -152,7 +152,15 @@ class DataPlane:
                 self.release()
 
     def statistics(self, name: str, version: str) -> list[tuple[str, str, ModelStats]]:
-        models = [self.repository.get(name, version)] if name else self.repository.loaded()
+        """Every loaded version's statistics; of one model when named; of one version when
+        that is named too (Triton's statistics extension)."""
+        if name and version:
+            models = [self.repository.get(name, version)]
+        elif name:
+            self.repository.get(name)  # unknown or without versions: its error
+            models = [m for m in self.repository.loaded() if m.name == name]
+        else:
+            models = self.repository.loaded()
         return [(m.name, str(m.version), m.stats) for m in models]
 
     def index(self, ready_only: bool) -> list[IndexEntry]:
