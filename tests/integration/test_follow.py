@@ -93,8 +93,10 @@ def test_a_node_serves_the_alias_and_reports_its_profile(
     node = follow(start_kapi_node, tmp_path, client.url, "addone@production")
     triton = grpcclient.InferenceServerClient(node.grpc_url)
     assert infer(triton, "addone") == ("1", 1.0)
-    profiles = [e for e in triton.get_server_metadata().extensions if e.startswith("kapi-")]
+    extensions = triton.get_server_metadata().extensions
+    profiles = [e for e in extensions if e.startswith("kapi-profile:")]
     assert profiles[-1:] == ["kapi-profile:cpu-x86_64"]
+    assert f"kapi-http-port:{node.http_port}" in extensions  # where its REST API is
 
 
 def test_an_alias_move_under_load_switches_with_zero_failures(

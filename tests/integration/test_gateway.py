@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import require_triton
@@ -94,7 +95,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, node_logs: Path) -> Iterator
             node_logs,
         )
         config = tmp_path_factory.mktemp("gateway") / "gateway.yaml"
-        config.write_text(f"backends:\n  - {{address: '{triton.grpc_url}', profile: cpu-x86_64}}\n")
+        rest = triton.http_url.removeprefix("http://")
+        config.write_text(
+            "backends:\n"
+            f"  - {{address: '{triton.grpc_url}', profile: cpu-x86_64, http_address: '{rest}'}}\n"
+        )
         gateway = start_gateway(
             [node.grpc_url for node in nodes.values()], node_logs, args=["--config", str(config)]
         )
@@ -341,3 +346,60 @@ def test_grpc_health_of_the_gateway(fleet: Fleet) -> None:
     with grpc.insecure_channel(fleet.gateway.grpc_url) as channel:
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_rest_requests_are_forwarded_to_the_backends_rest_apis(fleet: Fleet) -> None:
+    url = fleet.gateway.http_url.removeprefix("http://")
+    with httpclient.InferenceServerClient(url) as client:
+        assert client.get_server_metadata()["name"] == "kapi-gateway"
+        assert client.is_server_ready()
+        assert client.is_model_ready("add")
+
+        def rest_inputs(value: float, names: tuple[str, ...] = ("INPUT0",)) -> list:
+            tensors = []
+            for name in names:
+                tensor = httpclient.InferInput(name, [1, 4], "FP32")
+                tensor.set_data_from_numpy(np.full((1, 4), value, np.float32), binary_data=True)
+                tensors.append(tensor)
+            return tensors
+
+        added = client.infer("add", rest_inputs(2.0, ("INPUT0", "INPUT1")))  # Triton's REST
+        np.testing.assert_array_equal(added.as_numpy("OUTPUT0"), np.full((1, 4), 4.0))
+        echoed = client.infer("echo", rest_inputs(5.0))  # the CPU node's REST, binary tensors
+        np.testing.assert_array_equal(echoed.as_numpy("OUTPUT0"), np.full((1, 4), 5.0))
+        for kind in ("gpu", "edge"):
+            result = client.infer("where", rest_inputs(0.0), headers={"kapi-hardware": kind})
+            assert backend_of(float(result.as_numpy("OUTPUT0")[0, 0])) == kind
+        assert client.get_model_metadata("plus", "2")["versions"] == ["1", "2"]
+        index = {(m["name"], m.get("version")) for m in client.get_model_repository_index()}
+        assert {("add", "1"), ("echo", "1"), ("plus", "2")} <= index
+        assert client.get_inference_statistics("echo")["model_stats"][0]["inference_count"] >= 1
+
+        errors = []
+        bad = httpclient.InferInput("INPUT0", [1, 3], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 3), np.float32))
+        for target in (url, fleet.nodes["cpu"].http_url.removeprefix("http://")):
+            with httpclient.InferenceServerClient(target) as direct:
+                with pytest.raises(InferenceServerException) as raised:
+                    direct.infer("echo", [bad])
+                errors.append((raised.value.status(), raised.value.message()))
+        assert errors[0] == errors[1]  # the backend's answer, unchanged
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("nowhere", rest_inputs(0.0))
+        assert "model 'nowhere' is not served by any backend" in raised.value.message()
+
+
+def test_rest_traffic_follows_the_split(fleet: Fleet) -> None:
+    route = {"split": {"2": 100}}
+    assert fleet.gateway.admin("PUT", "/v1/routes/plus", json=route).status_code == 200
+    try:
+        url = fleet.gateway.http_url.removeprefix("http://")
+        with httpclient.InferenceServerClient(url) as client:
+            tensor = httpclient.InferInput("INPUT0", [1, 4], "FP32")
+            tensor.set_data_from_numpy(np.zeros((1, 4), np.float32))
+            versions = {
+                client.infer("plus", [tensor]).get_response()["model_version"] for _ in range(10)
+            }
+    finally:
+        fleet.gateway.admin("DELETE", "/v1/routes/plus")
+    assert versions == {"2"}

@@ -4,7 +4,8 @@
 - `GET /v1/backends`: each backend with its health, profile, load, latency and models;
 - `GET /v1/routes`, `GET|PUT|DELETE /v1/routes/{model}`: a model's route (traffic split,
   shadow, hardware preference, policy), with what its shadow has recorded;
-- `POST /v1/registrations`, `DELETE /v1/registrations/{address}`: backends that dial in.
+- `POST /v1/registrations`, `DELETE /v1/registrations/{address}`: backends that dial in;
+- the KServe v2 REST API, forwarded to the backends (rest.py).
 
 Writes need `Authorization: Bearer <token>` when the gateway has an admin token. Every
 handler is async: it runs on the gateway's event loop, as the data plane does, so the state
@@ -27,6 +28,7 @@ from kapi.core.errors import KapiError, NotFound, PermissionDenied, Unauthentica
 from kapi.gateway.control import GatewayServicer
 from kapi.gateway.discovery import BackendSpec
 from kapi.gateway.discovery.registration import MAX_LEASE_S, RegistrationDiscovery
+from kapi.gateway.rest import RestForwarder
 from kapi.gateway.router import Router
 from kapi.gateway.routes import BackendEntry, Route
 from kapi.gateway.shadow import Shadowing
@@ -73,6 +75,7 @@ def admin_app(
     shadowing: Shadowing,
     registrations: RegistrationDiscovery,
     token: str | None,
+    rest: RestForwarder,
 ) -> FastAPI:
     app = FastAPI(
         title="kapi gateway",
@@ -154,4 +157,5 @@ def admin_app(
             raise NotFound(f"no backend registered as {address}")
         return Response(status_code=204)
 
+    app.router.routes.extend(rest.routes())  # KServe v2 REST, forwarded (not in OpenAPI)
     return app

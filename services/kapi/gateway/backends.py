@@ -24,6 +24,7 @@ from kapi.gateway.discovery import BackendSpec
 
 SERVICE_PATH = "/inference.GRPCInferenceService/"
 PROFILE_EXTENSION = "kapi-profile:"
+HTTP_PORT_EXTENSION = "kapi-http-port:"  # a kapi node's REST port
 # How much a new latency moves the average: about the last ten requests count.
 EWMA_ALPHA = 0.1
 # An average not fed for this long starts to fade (by e each further period).
@@ -80,10 +81,12 @@ class Backend:
         self.consecutive_failures = 0
         self.ejected_until = 0.0
         self.ejections = 0
+        self.ejection_streak = 0
         self.requests = 0
         self.failures = 0
         self.stale = True  # what it serves must be learned again
         self.model_latency_s: dict[str, float] = {}  # an EWMA per model, for outliers
+        self.model_samples: dict[str, int] = {}  # how many requests that EWMA has seen
 
     @property
     def latency_ewma_s(self) -> float:
@@ -112,6 +115,18 @@ class Backend:
         if self.reported_profiles:
             return self.reported_profiles
         return (self.spec.profile,) if self.spec.profile else ()
+
+    @property
+    def http_address(self) -> str | None:
+        """host:port of its REST API: the discovery source's, else the port it reports on
+        the host of its gRPC address."""
+        if self.spec.http_address is not None:
+            return self.spec.http_address
+        for extension in self.extensions:
+            if extension.startswith(HTTP_PORT_EXTENSION):
+                host = self.address.rpartition(":")[0]
+                return f"{host}:{extension.removeprefix(HTTP_PORT_EXTENSION)}"
+        return None
 
     @property
     def hardware(self) -> str | None:
@@ -147,14 +162,19 @@ class Backend:
 
     def observe(self, model: str, latency_s: float) -> None:
         """A request answered in `latency_s`: into the averages."""
-        self._latency_ewma_s = _ewma(self._latency_ewma_s, latency_s)
+        self._latency_ewma_s = _ewma(self.latency_ewma_s, latency_s)  # from the faded one
         self._observed_at = time.monotonic()
         self.model_latency_s[model] = _ewma(self.model_latency_s.get(model, 0.0), latency_s)
+        self.model_samples[model] = self.model_samples.get(model, 0) + 1
         self.consecutive_failures = 0
 
     def eject(self, now: float, base_s: float, max_s: float) -> None:
-        """Out of rotation for a while, longer each time (it is probed back after)."""
-        self.ejected_until = now + min(base_s * 2**self.ejections, max_s)
+        """Out of rotation for a while, twice as long each time in a row (it is probed back
+        after); a streak ends once it has stayed in for `max_s`."""
+        if now - self.ejected_until > max_s:
+            self.ejection_streak = 0
+        self.ejected_until = now + min(base_s * 2 ** min(self.ejection_streak, 32), max_s)
+        self.ejection_streak += 1
         self.ejections += 1
 
     def describe(self, now: float | None = None) -> dict[str, Any]:
@@ -169,6 +189,7 @@ class Backend:
             "ejections": self.ejections,
             "profile": self.profile,
             "hardware": self.hardware,
+            "http_address": self.http_address,
             "weight": self.weight,
             "outstanding": self.outstanding,
             "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3),

@@ -41,12 +41,33 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     gateway.set_defaults(handler=_gateway)
 
 
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_large_buffers() -> None:
+    """Serve large messages from the heap instead of a fresh mmap each: by default glibc maps
+    and unmaps every buffer over its (adaptive) threshold, and a 600 KB tensor pays page
+    faults on both sides of the gateway. 32 MiB is glibc's largest mmap threshold."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):  # glibc; musl has none
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 1024 * 1024)
+
+
 def _gateway(args: argparse.Namespace) -> None:
     from kapi.gateway.server import GatewayServer
     from kapi.gateway.settings import GatewaySettings
 
     settings = GatewaySettings.from_args(args)
     configure_logging(settings.log_level, settings.log_format)
+    keep_large_buffers()
     server = GatewayServer(settings)
     try:
         import uvloop

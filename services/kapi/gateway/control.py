@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError, Message
 import kapi
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument, KapiError, NotFound
-from kapi.gateway.backends import PROFILE_EXTENSION, Backend
+from kapi.gateway.backends import Backend
 from kapi.gateway.forward import Forwarder, forwarded_metadata
 from kapi.gateway.health import Prober
 from kapi.gateway.router import Router
@@ -34,6 +34,7 @@ SERVER_NAME = "kapi-gateway"
 CONTROL_TIMEOUT_S = 30.0
 _NOT_THROUGH_GATEWAY = ("shared_memory", "cuda_shared_memory", "system_shared_memory")
 _LAST_INFERENCE = "last_inference"
+KAPI_EXTENSIONS = "kapi-"  # a node's own entries (profiles, REST port): not the gateway's
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
@@ -141,7 +142,7 @@ class GatewayServicer:
         return sorted(
             ext
             for ext in common
-            if not ext.startswith(PROFILE_EXTENSION) and ext not in _NOT_THROUGH_GATEWAY
+            if not ext.startswith(KAPI_EXTENSIONS) and ext not in _NOT_THROUGH_GATEWAY
         )
 
     @_rpc
@@ -229,11 +230,26 @@ class GatewayServicer:
         self, method: str, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         request = _parse(pb.RepositoryModelLoadRequest, data)  # Unload's fields are the same
-        name = request.model_name
+        having = await self.backends_having(request.model_name)
+        results = await asyncio.gather(
+            *(self._forward(b, method, data, context) for b in having), return_exceptions=True
+        )
+        await self.refresh(having)
+        for backend, result in zip(having, results, strict=True):
+            if isinstance(result, grpc.aio.AioRpcError):
+                await context.abort(
+                    result.code(), f"backend {backend.address}: {result.details() or ''}"
+                )
+            if isinstance(result, BaseException):
+                raise result
+        return pb.RepositoryModelLoadResponse().SerializeToString()
+
+    async def backends_having(self, name: str) -> list[Backend]:
+        """The healthy backends whose repository has model `name`, loaded or not."""
         index = pb.RepositoryIndexRequest().SerializeToString()
         backends = [b for b in self.router.pool if b.healthy]
         listings = await asyncio.gather(
-            *(self._forward(b, "RepositoryIndex", index, context) for b in backends),
+            *(b.unary("RepositoryIndex")(index, timeout=CONTROL_TIMEOUT_S) for b in backends),
             return_exceptions=True,
         )
         having = [
@@ -244,20 +260,13 @@ class GatewayServicer:
         ]
         if not having:
             raise NotFound(f"no backend of this gateway has model '{name}' in its repository")
-        results = await asyncio.gather(
-            *(self._forward(b, method, data, context) for b in having), return_exceptions=True
-        )
-        for backend in having:  # what they serve changed: learn it before answering
+        return having
+
+    async def refresh(self, backends: list[Backend]) -> None:
+        """What `backends` serve changed: learn it before answering."""
+        for backend in backends:
             backend.stale = True
-        await asyncio.gather(*(self.prober.probe(b) for b in having))
-        for backend, result in zip(having, results, strict=True):
-            if isinstance(result, grpc.aio.AioRpcError):
-                await context.abort(
-                    result.code(), f"backend {backend.address}: {result.details() or ''}"
-                )
-            if isinstance(result, BaseException):
-                raise result
-        return pb.RepositoryModelLoadResponse().SerializeToString()
+        await asyncio.gather(*(self.prober.probe(b) for b in backends))
 
 
 def add_statistics(total: Any, more: Any) -> None:
@@ -274,7 +283,7 @@ def add_statistics(total: Any, more: Any) -> None:
                     add_statistics(target_map[key], item)
                 else:
                     target_map[key].CopyFrom(item)
-        elif descriptor.label == descriptor.LABEL_REPEATED:
+        elif descriptor.is_repeated:
             target = getattr(total, name)
             if name == "batch_stats":
                 by_size = {entry.batch_size: entry for entry in target}

@@ -8,7 +8,8 @@ ends it takes requests again, and fails back out faster if it is still bad.
 
 Latency outliers are judged per model, against the other backends serving that model: a
 backend whose average for a model is `factor` times their median (and above `floor_s`) is
-ejected. Backends that serve different models are never compared.
+ejected, once each average has seen `latency_samples` requests (a cold start is slow).
+Backends that serve different models are never compared.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Ejection:
     max_s: float = 60.0
     latency_factor: float = 10.0
     latency_floor_s: float = 0.005
+    # Requests a model's average must have seen before it is judged (a cold start is slow).
+    latency_samples: int = 20
 
 
 class Prober:
@@ -163,7 +166,8 @@ class Prober:
         for backend in self.pool:
             if backend.healthy and not backend.ejected(now):
                 for model, latency in backend.model_latency_s.items():
-                    by_model.setdefault(model, []).append((backend, latency))
+                    if backend.model_samples.get(model, 0) >= self.ejection.latency_samples:
+                        by_model.setdefault(model, []).append((backend, latency))
         for model, entries in by_model.items():
             if len(entries) < 3:  # a median of one peer says little
                 continue
@@ -175,6 +179,7 @@ class Prober:
                     self._eject(backend, "latency", reason)
                     # Its average starts over when it comes back.
                     backend.model_latency_s.pop(model, None)
+                    backend.model_samples.pop(model, None)
 
     def _eject(self, backend: Backend, kind: str, reason: str) -> None:
         now = time.monotonic()

@@ -15,6 +15,7 @@ its policy; and the gateway's config file, which holds backends and routes.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,8 +31,12 @@ HARDWARE_CLASSES = ("gpu", "edge", "cpu")
 DEFAULT_POLICY = "least-outstanding"
 
 
+_VERSION = re.compile(r"[1-9][0-9]*")
+
+
 def check_version(version: str) -> str:
-    if not version.isdigit() or int(version) < 1:
+    """A version as backends spell it: ASCII digits, no leading zero."""
+    if _VERSION.fullmatch(version) is None:
         raise ValueError(f"a model version is a positive integer, got {version!r}")
     return version
 
@@ -69,7 +74,7 @@ class Shadow(BaseModel):
 class Route(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    split: dict[str, Annotated[float, Field(gt=0)]] = {}
+    split: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = {}
     shadow: Shadow | None = None
     hardware: list[str] = []
     policy: str = DEFAULT_POLICY
@@ -148,7 +153,7 @@ def load_config(path: Path) -> GatewayConfig:
         document: Any = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
         raise InvalidArgument(f"cannot read the gateway config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"the gateway config {path} is not YAML: {exc}") from exc
     try:
         return GatewayConfig.model_validate(document)

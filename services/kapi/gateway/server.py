@@ -34,6 +34,7 @@ from kapi.gateway.discovery.static import StaticDiscovery
 from kapi.gateway.forward import Forwarder
 from kapi.gateway.health import Ejection, Prober
 from kapi.gateway.metrics import GatewayMetrics
+from kapi.gateway.rest import RestForwarder
 from kapi.gateway.retry import RetryBudget
 from kapi.gateway.router import Router
 from kapi.gateway.routes import GatewayConfig, load_config
@@ -118,12 +119,16 @@ class GatewayServer:
         grpc_server = self._grpc_server()
         sockets = [self._bind("HTTP", self.settings.http_port)]
         sockets.append(self._bind("metrics", self.settings.metrics_port))
+        rest = RestForwarder(
+            self.router, self.servicer, self.metrics, self.settings.max_message_bytes
+        )
         app = admin_app(
             self.servicer,
             self.router,
             self.shadowing,
             self.registrations,
             self.settings.admin_token,
+            rest,
         )
         http_servers = [self._http_server(app), self._http_server(metrics_app(self.registry))]
         await grpc_server.start()
@@ -149,6 +154,7 @@ class GatewayServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.shadowing.close()
+            await rest.close()
             await self.prober.close()
             await self.pool.close()
             for sock in sockets:

@@ -31,6 +31,7 @@ from kapi.gateway.wire import RoutingFields, rewrite
 
 log = logging.getLogger(__name__)
 SHADOW_TIMEOUT_S = 30.0
+_FLOATS = ("FP16", "BF16", "FP32", "FP64")
 
 
 @dataclass
@@ -143,7 +144,10 @@ class Shadowing:
             return
         stats.compared_rows += rows
         stats.agreeing_rows += agreeing
-        stats.max_abs_difference = max(stats.max_abs_difference, difference)
+        if np.isnan(difference) or np.isnan(stats.max_abs_difference):
+            stats.max_abs_difference = float("nan")  # a NaN answer never reads as agreement
+        else:
+            stats.max_abs_difference = max(stats.max_abs_difference, difference)
         if stats.compared_rows:
             self.metrics.shadow_agreement.labels(model, stats.target).set(
                 stats.agreeing_rows / stats.compared_rows
@@ -187,12 +191,14 @@ def compare(primary: bytes, shadow: bytes) -> tuple[int, int, float]:
             continue
         a = from_raw(output.name, output.datatype, tuple(output.shape), raw).data
         b = from_raw(other.name, other.datatype, tuple(other.shape), other_raw).data
-        if a.dtype.kind == "f" and a.ndim >= 1 and a.shape[-1] > 1:
+        if output.datatype in _FLOATS and a.ndim >= 1 and a.shape[-1] > 1:
             top_a = np.argmax(a.reshape(-1, a.shape[-1]), axis=1)
             top_b = np.argmax(b.reshape(-1, b.shape[-1]), axis=1)
             rows += int(top_a.size)
             agreeing += int(np.count_nonzero(top_a == top_b))
         elif a.size:
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            difference = max(difference, float(diff.max()))
+            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
+            difference = diff if np.isnan(diff) else max(difference, diff)  # NaN is kept
+            if np.isnan(difference):
+                return rows, agreeing, difference
     return rows, agreeing, difference

@@ -20,7 +20,8 @@ from kapi.core.errors import InvalidArgument
 GATEWAY_PARAMETER_PREFIX = "kapi-"
 
 _MODEL_NAME, _MODEL_VERSION, _PARAMETERS = 1, 2, 4
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+_VARINT, _FIXED64, _LENGTH, _START_GROUP, _END_GROUP, _FIXED32 = 0, 1, 2, 3, 4, 5
+_UINT64 = (1 << 64) - 1
 _DOUBLE = struct.Struct("<d")
 
 Parameter = bool | int | str | float
@@ -45,8 +46,7 @@ def read_routing(data: bytes) -> RoutingFields:
     position, end = 0, len(data)
     while position < end:
         start = position
-        key, position = _varint(data, position)
-        number, kind = key >> 3, key & 7
+        number, kind, position = _key(data, position)
         if kind == _LENGTH:
             length, position = _varint(data, position)
             stop = position + length
@@ -63,9 +63,7 @@ def read_routing(data: bytes) -> RoutingFields:
                     fields.gateway_spans.append((start, stop))
             position = stop
         else:
-            position = _skip(data, position, kind)
-    if position != end:
-        raise WireError("the ModelInferRequest message could not be parsed: truncated")
+            position = _skip(data, position, kind, number, end)
     return fields
 
 
@@ -92,10 +90,9 @@ def _parameter_entry(data: bytes, position: int, end: int) -> tuple[str, Paramet
     """One map<string, InferParameter> entry: key = 1, value = 2."""
     name, value = "", None
     while position < end:
-        key, position = _varint(data, position)
-        number, kind = key >> 3, key & 7
+        number, kind, position = _key(data, position)
         if kind != _LENGTH:
-            position = _skip(data, position, kind)
+            position = _skip(data, position, kind, number, end)
             continue
         length, position = _varint(data, position)
         stop = position + length
@@ -113,8 +110,7 @@ def _infer_parameter(data: bytes, position: int, end: int) -> Parameter:
     """InferParameter's oneof: bool = 1, int64 = 2, string = 3, double = 4, uint64 = 5."""
     value: Parameter = ""
     while position < end:
-        key, position = _varint(data, position)
-        number, kind = key >> 3, key & 7
+        number, kind, position = _key(data, position)
         if kind == _VARINT:
             raw, position = _varint(data, position)
             if number == 1:
@@ -130,11 +126,13 @@ def _infer_parameter(data: bytes, position: int, end: int) -> Parameter:
             position += 8
         elif kind == _LENGTH:
             length, position = _varint(data, position)
+            if position + length > end:
+                raise WireError("the ModelInferRequest message could not be parsed: truncated")
             if number == 3:
                 value = _text(data, position, position + length, "string_param")
             position += length
         else:
-            position = _skip(data, position, kind)
+            position = _skip(data, position, kind, number, end)
     return value
 
 
@@ -153,7 +151,7 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
             position += 1
             result |= (byte & 0x7F) << shift
             if byte < 0x80:
-                return result, position
+                return result & _UINT64, position  # as protobuf reads an over-long one
             shift += 7
             if shift > 63:
                 raise WireError("the ModelInferRequest message could not be parsed: bad varint")
@@ -161,17 +159,42 @@ def _varint(data: bytes, position: int) -> tuple[int, int]:
         raise WireError("the ModelInferRequest message could not be parsed: truncated") from None
 
 
-def _skip(data: bytes, position: int, kind: int) -> int:
+def _key(data: bytes, position: int) -> tuple[int, int, int]:
+    """A field's (number, wire type) and where its value starts."""
+    key, position = _varint(data, position)
+    if key >> 3 == 0:
+        raise WireError("the ModelInferRequest message could not be parsed: field number 0")
+    return key >> 3, key & 7, position
+
+
+def _skip(data: bytes, position: int, kind: int, number: int, end: int) -> int:
+    """Past one field's value, which must end by `end`; a group up to its end-group."""
     if kind == _VARINT:
-        return _varint(data, position)[1]
-    if kind == _FIXED64:
-        return position + 8
-    if kind == _FIXED32:
-        return position + 4
-    if kind == _LENGTH:
+        position = _varint(data, position)[1]
+    elif kind == _FIXED64:
+        position += 8
+    elif kind == _FIXED32:
+        position += 4
+    elif kind == _LENGTH:
         length, position = _varint(data, position)
-        return position + length
-    raise WireError(f"the ModelInferRequest message could not be parsed: wire type {kind}")
+        position += length
+    elif kind == _START_GROUP:
+        while True:
+            if position >= end:
+                raise WireError("the ModelInferRequest message could not be parsed: truncated")
+            inner, inner_kind, position = _key(data, position)
+            if inner_kind == _END_GROUP:
+                if inner != number:
+                    raise WireError(
+                        "the ModelInferRequest message could not be parsed: mismatched group"
+                    )
+                break
+            position = _skip(data, position, inner_kind, inner, end)
+    else:
+        raise WireError(f"the ModelInferRequest message could not be parsed: wire type {kind}")
+    if position > end:
+        raise WireError("the ModelInferRequest message could not be parsed: truncated")
+    return position
 
 
 def _encode_varint(value: int) -> bytes:

@@ -43,7 +43,8 @@ class DataPlane:
         strict_readiness: bool = True,
     ) -> None:
         # The hardware profiles the node runs, best first, in ServerMetadata's extensions
-        # as "kapi-profile:<profile>": how a gateway learns them over the protocol itself.
+        # as "kapi-profile:<profile>", and its REST port as "kapi-http-port:<port>": how a
+        # gateway learns them over the protocol itself.
         self.profile_extensions: tuple[str, ...] = ()
         self.repository = repository
         self.explicit_model_control = explicit_model_control

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 GRPC_STOP_GRACE_S = 5.0
 # A drain ends once requests have stopped arriving for this long (and none is in flight).
 DRAIN_QUIET_S = 0.5
+# ServerMetadata's extensions name the node's REST port so: "kapi-http-port:8000".
+HTTP_PORT_EXTENSION = "kapi-http-port:"
 
 
 class StartupError(KapiError):
@@ -120,6 +122,9 @@ class NodeServer:
         grpc_server = self._grpc_server()
         sockets = [self._bind("HTTP", self.settings.http_port)]
         sockets.append(self._bind("metrics", self.settings.metrics_port))
+        # Where its REST API listens, so a gateway that knows its gRPC address finds it.
+        http_port = sockets[0].getsockname()[1]
+        self.dataplane.profile_extensions += (f"{HTTP_PORT_EXTENSION}{http_port}",)
         http_servers = [
             self._http_server(rest_app(self.dataplane, self.settings.max_message_bytes)),
             self._http_server(metrics_app(self.registry)),
