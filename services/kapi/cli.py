@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--cache-dir", help="with --repository: where downloads are kept")
     node.add_argument("--repository-token", help="with --repository: a read token")
+    node.add_argument("--register-with", help="a gateway's admin URL to register with (edge)")
+    node.add_argument("--advertise-address", help="with --register-with: HOST:PORT to dial")
+    node.add_argument("--gateway-token", help="with --register-with: its admin token")
+    node.add_argument(
+        "--registration-lease-s", type=float, help="with --register-with: the lease (15)"
+    )
     node.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     node.add_argument("--log-format", choices=["text", "json"])
     node.set_defaults(handler=_node)

@@ -23,6 +23,7 @@ from tests.support.gateway import RunningGateway, start_gateway
 from tests.support.node import RunningNode, start_node
 
 CONFIG = "max_batch_size: 8\n"
+TOKEN = "admin-token-for-tests"
 # One request waits for a batch of 8 for half a second: requests that are surely in flight.
 SLOW_CONFIG = """max_batch_size: 8
 dynamic_batching { max_queue_delay_microseconds: 500000 preferred_batch_size: [ 8 ] }
@@ -212,6 +213,43 @@ def test_a_registered_backend_is_served_until_its_lease_expires(
     finally:
         gateway.terminate()
         node.terminate()
+
+
+def test_a_node_that_dials_in_registers_and_leaves_before_it_drains(
+    tmp_path: Path, node_logs: Path
+) -> None:
+    gateway = start_gateway([], node_logs, wait_ready=False, args=["--admin-token", TOKEN])
+    node = None
+    try:
+        args = ["--register-with", gateway.http_url, "--registration-lease-s", "2",
+                "--gateway-token", TOKEN]  # fmt: skip
+        node = start_node(repository(tmp_path / "edge"), node_logs, args=args,
+                          env={"KAPI_PROFILES": "rpi5,cpu-arm64"})  # fmt: skip
+        gateway.wait_for("serving the node that registered", lambda b: bool(b) and all(
+            e["models"] for e in b.values()))  # fmt: skip
+        (entry,) = gateway.backends().values()
+        assert entry["address"] == node.grpc_url
+        assert entry["hardware"] == "edge"
+        time.sleep(3)  # past its lease: renewed
+        assert node.grpc_url in gateway.backends()
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            assert client.infer("plus", request(2.0)).as_numpy("OUTPUT0")[0, 0] == 3.0
+        node.process.send_signal(signal.SIGTERM)
+        gateway.wait_for("the node gone", lambda b: not b, timeout_s=10)
+        assert node.process.wait(30) == 0
+    finally:
+        gateway.terminate()
+        if node is not None:
+            node.terminate()
+
+
+def test_a_node_refuses_to_register_a_wildcard_address() -> None:
+    from kapi.node.settings import NodeSettings
+
+    with pytest.raises(ValueError, match="advertise_address"):
+        NodeSettings(register_with="http://gw:8000", host="0.0.0.0")
+    with pytest.raises(ValueError, match="needs register_with"):
+        NodeSettings(advertise_address="edge:8001")
 
 
 def test_sighup_reloads_routes_and_keeps_them_when_the_file_is_bad(

@@ -31,6 +31,8 @@ from kapi.core._generated._pool import POOL
 from kapi.core.errors import KapiError, NotFound
 from kapi.core.hardware import detect_profiles
 from kapi.core.metrics import metrics_app
+from kapi.gateway.discovery import BackendSpec
+from kapi.gateway.discovery.registration import Registrar
 from kapi.node.dataplane import DataPlane
 from kapi.node.follower import Follower, Target
 from kapi.node.grpc_service import SERVICE, InferenceServicer
@@ -101,6 +103,18 @@ class NodeServer:
         self.health = _Health(self.dataplane)
         self._stop = asyncio.Event()
         self.follower = self._follower() if settings.repository else None
+        self.registrar = self._registrar()
+
+    def _registrar(self) -> Registrar | None:
+        """What keeps this node registered with the gateway it dials, if any."""
+        settings = self.settings
+        if settings.register_with is None:
+            return None
+        address = settings.advertise_address or f"{settings.host}:{settings.grpc_port}"
+        spec = BackendSpec(address, self.profiles[0] if self.profiles else None)
+        return Registrar(
+            settings.register_with, spec, settings.registration_lease_s, settings.gateway_token
+        )
 
     def _follower(self) -> Follower:
         settings = self.settings
@@ -132,6 +146,7 @@ class NodeServer:
         await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
         await grpc_server.start()
         following: asyncio.Task[None] | None = None
+        registering: asyncio.Task[None] | None = None
         http_tasks = [
             asyncio.create_task(server.serve(sockets=[sock]))
             for server, sock in zip(http_servers, sockets, strict=True)
@@ -148,7 +163,13 @@ class NodeServer:
                 self.dataplane.serving = True
                 await self._announce()
                 log.info("node serving", extra={"grpc_port": self.settings.grpc_port})
+                if self.registrar is not None:
+                    registering = asyncio.create_task(self.registrar.run())
                 await self._stop.wait()
+            if self.registrar is not None:  # out of the gateway's pool before the drain
+                if registering is not None:
+                    registering.cancel()
+                await self.registrar.leave()
             await self._drain(grpc_server)
         finally:
             if following is not None:

@@ -44,6 +44,27 @@ class NodeSettings(ServiceSettings):
     serve: list[str] = []
     cache_dir: Path = Path("/var/cache/kapi/node")
     repository_token: str | None = None
+    # Register with a gateway that this node dials (an edge device outside the cluster):
+    # its admin URL, the gRPC address the gateway is to reach this node at (default: host
+    # and gRPC port, when the host is not a wildcard), a token for its admin writes, and
+    # the lease, renewed at a third of it.
+    register_with: str | None = None
+    advertise_address: str | None = None
+    gateway_token: str | None = None
+    registration_lease_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+
+    @model_validator(mode="after")
+    def _registration(self) -> NodeSettings:
+        if self.register_with is None:
+            for name in ("advertise_address", "gateway_token", "registration_lease_s"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} needs register_with (--register-with URL)")
+        elif self.advertise_address is None and self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                "register_with needs advertise_address (--advertise-address HOST:PORT): the "
+                f"node listens on {self.host!r}, which is no address a gateway can dial"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> NodeSettings:
