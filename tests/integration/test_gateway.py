@@ -312,6 +312,8 @@ def test_metrics_count_requests_per_model_version_and_backend(fleet: Fleet) -> N
         metrics
     )
     assert "kapi_gateway_request_duration_seconds_bucket" in metrics
+    assert f'kapi_gateway_in_flight{{backend="{cpu}"}} 0.0' in metrics
+    assert f'kapi_gateway_backend_healthy{{backend="{cpu}"}} 1.0' in metrics
 
 
 def test_admin_writes_need_the_token_and_routes_are_validated(

@@ -8,9 +8,12 @@ their agreement with the primary. A request's labelled children are looked up on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kapi.core.metrics import LATENCY_BUCKETS
 
@@ -42,12 +45,6 @@ class GatewayMetrics:
             ["backend", "reason"],
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "kapi_gateway_in_flight",
-            "Requests sent to a backend and not yet answered",
-            ["backend"],
-            registry=registry,
-        )
         self.shadow_requests = Counter(
             "kapi_gateway_shadow_requests",
             "Requests mirrored to a shadow, by outcome (ok, error, dropped)",
@@ -66,6 +63,7 @@ class GatewayMetrics:
             ["model", "shadow"],
             registry=registry,
         )
+        self._registry = registry
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._outcomes: dict[tuple[str, str, str, str], Any] = {}
 
@@ -86,3 +84,27 @@ class GatewayMetrics:
             if outcome is None:
                 outcome = self._outcomes[(*key, code)] = self.requests.labels(*key, code)
             outcome.inc()
+
+    def watch(self, backends: Callable[[], Iterable[Any]]) -> None:
+        """Per-backend gauges read when scraped (in flight, health): nothing per request."""
+        self._registry.register(_BackendCollector(backends))
+
+
+class _BackendCollector(Collector):
+    def __init__(self, backends: Callable[[], Iterable[Any]]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "kapi_gateway_in_flight",
+            "Requests sent to a backend and not yet answered",
+            labels=["backend"],
+        )
+        healthy = GaugeMetricFamily(
+            "kapi_gateway_backend_healthy", "1 while a backend answers ready", labels=["backend"]
+        )
+        for backend in self._backends():
+            in_flight.add_metric([backend.address], backend.outstanding)
+            healthy.add_metric([backend.address], 1.0 if backend.healthy else 0.0)
+        yield in_flight
+        yield healthy

@@ -66,6 +66,7 @@ class GatewayServer:
         self.metrics = GatewayMetrics(self.registry)
         self.pool = BackendPool(settings.channels_per_backend, settings.max_message_bytes)
         self.router = Router(self.pool)
+        self.metrics.watch(lambda: self.pool)
         self.router.replace_routes(config.routes)
         self.prober = Prober(
             self.pool,
