@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository bench-trainer bench-optimizer clean
+.PHONY: install datasets demo test lint typecheck proto proto-check bench bench-repository bench-trainer bench-optimizer bench-gateway clean
 
 install: $(VENV)/.installed datasets
 
@@ -58,6 +58,10 @@ bench-trainer: install
 
 bench-optimizer: install
 	$(PY) bench/optimizer.py
+
+# nginx (the gateway's peer) is installed from Debian on first use when missing, as root.
+bench-gateway: install
+	$(PY) bench/gateway.py
 
 clean:
 	rm -rf $(VENV) bench/results .pytest_cache .mypy_cache .ruff_cache

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.node import _PORT_TAKEN, HOST, KAPI, free_port, terminate
+from tests.support.node import _PORT_TAKEN, HOST, KAPI, ServerProcess, free_port
 
 READY_TIMEOUT_S = 60.0
 
@@ -22,30 +22,8 @@ class GatewayFailedToStart(RuntimeError):
 
 
 @dataclass
-class RunningGateway:
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
-    metrics_port: int
-    log_path: Path
+class RunningGateway(ServerProcess):
     token: str | None = None
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def is_ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.http_url}/v2/health/ready", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -66,14 +44,6 @@ class RunningGateway:
                 return
             time.sleep(0.1)
         raise AssertionError(f"gateway: not {what} after {timeout_s} s: {self.backends()}")
-
-    def metrics(self) -> str:
-        response = httpx.get(f"http://{HOST}:{self.metrics_port}/metrics", timeout=10.0)
-        response.raise_for_status()
-        return response.text
-
-    def terminate(self, timeout_s: float = 30.0) -> int:
-        return terminate(self.process, timeout_s)
 
 
 def start_gateway(

@@ -57,7 +57,10 @@ class NodeFailedToStart(RuntimeError):
 
 
 @dataclass
-class RunningNode:
+class ServerProcess:
+    """A server process started by the tests (a kapi node, a gateway, a Triton), on
+    loopback ports, with its log."""
+
     process: subprocess.Popen[bytes]
     grpc_port: int
     http_port: int
@@ -82,10 +85,7 @@ class RunningNode:
     def is_ready(self) -> bool:
         return self._answers("ready")
 
-    def is_live(self) -> bool:
-        return self._answers("live")
-
-    def _answers(self, probe: WaitFor) -> bool:
+    def _answers(self, probe: str) -> bool:
         try:
             return httpx.get(f"{self.http_url}/v2/health/{probe}", timeout=2.0).status_code == 200
         except httpx.TransportError:
@@ -98,6 +98,12 @@ class RunningNode:
 
     def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         return terminate(self.process, timeout_s)
+
+
+@dataclass
+class RunningNode(ServerProcess):
+    def is_live(self) -> bool:
+        return self._answers("live")
 
 
 def terminate(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int:

@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import httpx
-
 from bench.tritonpeer import repository as tritonpeer
-from tests.support.node import HOST, STOP_TIMEOUT_S, free_port, terminate
+from tests.support.node import STOP_TIMEOUT_S, ServerProcess, free_port, terminate
 
 VENV_ENV = "KAPI_TRITON_VENV"
 DEFAULT_VENV = Path("/opt/kapi-triton/venv")
@@ -69,37 +67,11 @@ def triton_unavailable(venv: Path | None = None) -> str | None:
 
 
 @dataclass
-class RunningTriton:
-    process: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
-    metrics_port: int
-    repository: Path
-    log_path: Path
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{HOST}:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{HOST}:{self.http_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{HOST}:{self.metrics_port}/metrics"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class RunningTriton(ServerProcess):
+    repository: Path = Path()
 
     def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
         return self.log()[-chars:]
-
-    def is_ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.http_url}/v2/health/ready", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
 
     def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (Triton unloads its models and exits 0 in about 3 s), SIGKILL if it hangs."""
@@ -151,7 +123,7 @@ def _spawn(
     log_path = log_dir / f"triton-{grpc_port}-{attempt}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    return RunningTriton(process, grpc_port, http_port, metrics_port, root, log_path)
+    return RunningTriton(process, grpc_port, http_port, metrics_port, log_path, root)
 
 
 def _wait(server: RunningTriton) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.message import DecodeError, Message
+
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument
 from kapi.core.inference import (
@@ -131,3 +133,13 @@ def _input_from_proto(
     # The repeated field itself, not a copy: it is counted now and converted only if valid.
     values = getattr(tensor.contents, field_name) if field_name else ()
     return EncodedTensor(tensor.name, tensor.datatype, shape, None, values, parameters)
+
+
+def parse(message_type: type[Message], data: bytes) -> Any:
+    """A message from its bytes; INVALID_ARGUMENT with the reason when they do not parse."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidArgument(
+            f"the {message_type.DESCRIPTOR.name} message could not be parsed: {exc}"
+        ) from exc

@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 import kapi
 from kapi.core._generated.inference import grpc_service_pb2 as pb
-from kapi.core.errors import InvalidArgument, KapiError, NotFound
+from kapi.core.errors import KapiError, NotFound
+from kapi.core.oip import parse
 from kapi.gateway.backends import Backend
 from kapi.gateway.forward import Forwarder, forwarded_metadata
 from kapi.gateway.health import Prober
@@ -53,15 +53,6 @@ def _rpc(handler: Callable[[Any, bytes, grpc.aio.ServicerContext], Awaitable[byt
         raise AssertionError("unreachable")  # abort raises
 
     return wrapper
-
-
-def _parse(message_type: type[Message], data: bytes) -> Any:
-    try:
-        return message_type.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"the {message_type.DESCRIPTOR.name} message could not be parsed: {exc}"
-        ) from exc
 
 
 def _refused(feature: str, instead: str) -> Any:
@@ -147,7 +138,7 @@ class GatewayServicer:
 
     @_rpc
     async def ModelReady(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        request = _parse(pb.ModelReadyRequest, data)
+        request = parse(pb.ModelReadyRequest, data)
         try:
             backend = self.router.choose(request.name, request.version, {})
         except KapiError:  # served nowhere, or by nothing healthy: not ready
@@ -156,13 +147,13 @@ class GatewayServicer:
 
     @_rpc
     async def ModelMetadata(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        request = _parse(pb.ModelMetadataRequest, data)
+        request = parse(pb.ModelMetadataRequest, data)
         backend = self.router.choose(request.name, request.version, {})
         return await self._forward(backend, "ModelMetadata", data, context)
 
     @_rpc
     async def ModelConfig(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        request = _parse(pb.ModelConfigRequest, data)
+        request = parse(pb.ModelConfigRequest, data)
         backend = self.router.choose(request.name, request.version, {})
         return await self._forward(backend, "ModelConfig", data, context)
 
@@ -176,7 +167,7 @@ class GatewayServicer:
 
     @_rpc
     async def ModelStatistics(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        request = _parse(pb.ModelStatisticsRequest, data)
+        request = parse(pb.ModelStatisticsRequest, data)
         backends = [
             b
             for b in self.router.pool
@@ -202,7 +193,7 @@ class GatewayServicer:
 
     @_rpc
     async def RepositoryIndex(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
-        request = _parse(pb.RepositoryIndexRequest, data)
+        request = parse(pb.RepositoryIndexRequest, data)
         if request.repository_name:
             raise KapiError("'repository_name' specification is not supported")
         backends = [b for b in self.router.pool if b.healthy]
@@ -229,7 +220,7 @@ class GatewayServicer:
     async def _model_control(
         self, method: str, data: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
-        request = _parse(pb.RepositoryModelLoadRequest, data)  # Unload's fields are the same
+        request = parse(pb.RepositoryModelLoadRequest, data)  # Unload's fields are the same
         having = await self.backends_having(request.model_name)
         results = await asyncio.gather(
             *(self._forward(b, method, data, context) for b in having), return_exceptions=True

@@ -10,20 +10,16 @@ reports not ready, refuses new requests with UNAVAILABLE, lets the requests in f
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
 import time
-from collections.abc import Iterator
 
 import grpc
-import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
-from starlette.types import ASGIApp
 
 from kapi.core.errors import KapiError
+from kapi.core.listen import StartupError, bind, http_server
 from kapi.core.metrics import metrics_app
 from kapi.gateway.admin import admin_app
 from kapi.gateway.backends import BackendPool
@@ -44,18 +40,6 @@ from kapi.gateway.shadow import Shadowing
 log = logging.getLogger(__name__)
 DRAIN_QUIET_S = 0.5
 GRPC_STOP_GRACE_S = 5.0
-
-
-class StartupError(KapiError):
-    """The gateway cannot start as configured: a port in use, a bad config file."""
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the gateway owns SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class GatewayServer:
@@ -118,8 +102,8 @@ class GatewayServer:
 
     async def run(self) -> None:
         grpc_server = self._grpc_server()
-        sockets = [self._bind("HTTP", self.settings.http_port)]
-        sockets.append(self._bind("metrics", self.settings.metrics_port))
+        sockets = [bind(self.settings.host, self.settings.http_port, "HTTP")]
+        sockets.append(bind(self.settings.host, self.settings.metrics_port, "metrics"))
         rest = RestForwarder(
             self.router, self.servicer, self.metrics, self.settings.max_message_bytes
         )
@@ -131,7 +115,7 @@ class GatewayServer:
             self.settings.admin_token,
             rest,
         )
-        http_servers = [self._http_server(app), self._http_server(metrics_app(self.registry))]
+        http_servers = [http_server(app), http_server(metrics_app(self.registry))]
         await grpc_server.start()
         tasks = [
             asyncio.create_task(server.serve(sockets=[sock]))
@@ -248,25 +232,6 @@ class GatewayServer:
                 f"cannot listen for gRPC on {address}: the address is already in use"
             ) from exc
         return server
-
-    def _bind(self, purpose: str, port: int) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.settings.host, port))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(
-                f"cannot listen for {purpose} on {self.settings.host}:{port}: {exc.strerror}"
-            ) from exc
-        sock.listen(2048)
-        sock.setblocking(False)
-        return sock
-
-    def _http_server(self, app: ASGIApp) -> uvicorn.Server:
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", http="httptools")
-        return _QuietServer(config)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

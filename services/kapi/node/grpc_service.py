@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from kapi.core._generated.inference import grpc_service_pb2 as pb
 from kapi.core.errors import InvalidArgument, Unimplemented, as_kapi_error
 from kapi.core.inference import Parameter
-from kapi.core.oip import request_from_proto, response_to_proto
+from kapi.core.oip import parse, request_from_proto, response_to_proto
 from kapi.node import responses
 from kapi.node.dataplane import DataPlane
 from kapi.node.streams import answer_stream
@@ -39,15 +39,6 @@ def rpc(handler: Handler[Response]) -> Handler[Response]:
             raise  # unreachable: abort raises
 
     return wrapper
-
-
-def parse(message_type: type[Message], data: bytes) -> Any:
-    try:
-        return message_type.FromString(data)
-    except DecodeError as exc:
-        raise InvalidArgument(
-            f"the {message_type.DESCRIPTOR.name} message could not be parsed: {exc}"
-        ) from exc
 
 
 def _unimplemented(feature: str) -> Any:  # typed as each RPC it stands for

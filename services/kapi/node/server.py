@@ -13,23 +13,19 @@ loads. SIGTERM or SIGINT drains in phases, so no request that was accepted is ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
 import time
-from collections.abc import Iterator
 
 import grpc
-import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
-from starlette.types import ASGIApp
 
 from kapi.core._generated._pool import POOL
 from kapi.core.errors import KapiError, NotFound
 from kapi.core.hardware import detect_profiles
+from kapi.core.listen import StartupError, bind, http_server
 from kapi.core.metrics import metrics_app
 from kapi.gateway.discovery import BackendSpec
 from kapi.gateway.discovery.registration import Registrar
@@ -50,18 +46,6 @@ GRPC_STOP_GRACE_S = 5.0
 DRAIN_QUIET_S = 0.5
 # ServerMetadata's extensions name the node's REST port so: "kapi-http-port:8000".
 HTTP_PORT_EXTENSION = "kapi-http-port:"
-
-
-class StartupError(KapiError):
-    """The node cannot start as configured: a port in use, no model repository."""
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the node owns SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class _Health(health.aio.HealthServicer):  # type: ignore[misc]
@@ -134,14 +118,14 @@ class NodeServer:
         if not self.repository.root.is_dir():
             raise StartupError(f"the model repository {self.repository.root} is not a directory")
         grpc_server = self._grpc_server()
-        sockets = [self._bind("HTTP", self.settings.http_port)]
-        sockets.append(self._bind("metrics", self.settings.metrics_port))
+        sockets = [bind(self.settings.host, self.settings.http_port, "HTTP")]
+        sockets.append(bind(self.settings.host, self.settings.metrics_port, "metrics"))
         # Where its REST API listens, so a gateway that knows its gRPC address finds it.
         http_port = sockets[0].getsockname()[1]
         self.dataplane.profile_extensions += (f"{HTTP_PORT_EXTENSION}{http_port}",)
         http_servers = [
-            self._http_server(rest_app(self.dataplane, self.settings.max_message_bytes)),
-            self._http_server(metrics_app(self.registry)),
+            http_server(rest_app(self.dataplane, self.settings.max_message_bytes)),
+            http_server(metrics_app(self.registry)),
         ]
         await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
         await grpc_server.start()
@@ -223,26 +207,6 @@ class NodeServer:
                 "available (another node? --reuse-grpc-port true shares it on purpose)"
             ) from exc
         return server
-
-    def _bind(self, purpose: str, port: int) -> socket.socket:
-        """A listening socket of our own for uvicorn, so a port in use fails here, clearly."""
-        family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP_NODELAY
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.settings.host, port))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(
-                f"cannot listen for {purpose} on {self.settings.host}:{port}: {exc.strerror}"
-            ) from exc
-        sock.listen(2048)
-        sock.setblocking(False)
-        return sock
-
-    def _http_server(self, app: ASGIApp) -> uvicorn.Server:
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", http="httptools")
-        return _QuietServer(config)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pydantic
 import pytest
-from kapi.node.server import NodeServer
+from kapi.core.listen import bind
 from kapi.node.settings import NodeSettings
 
 
 async def test_http_connections_send_without_waiting_for_nagle(tmp_path: Path) -> None:
     """asyncio turns Nagle's algorithm off only on sockets made as TCP (proto IPPROTO_TCP);
     on one made with proto 0, each small REST response waited ~40 ms for a delayed ACK."""
-    server = NodeServer(NodeSettings(model_repository=tmp_path, host="127.0.0.1"))
-    listening = server._bind("HTTP", 0)
+    listening = bind("127.0.0.1", 0, "HTTP")  # as the node and the gateway bind
     nodelay: list[int] = []
     connected = asyncio.Event()
 
