@@ -8,11 +8,12 @@ its backend, as shipped; `python-floor`, a bare raw-bytes grpc.aio proxy on the 
 stack with no feature at all (gatewaybench/floor.py: what Python's gRPC costs by itself);
 `nginx`, nginx 1.22 `grpc_pass`ing to the node, configured fairly (listed in the printout).
 Closed-loop tritonclient.grpc load at concurrency 1 and 16, with one connection shared by
-every client thread (tritonclient's default) and with one connection per thread, each cell run by a fresh client process so that the client's CPU is
-told apart from the servers'. Every cell is measured once per round, the rounds interleaved
-(the order rotated each round), and each figure is the median over the rounds. CPU time per
-request of the proxy, the node and the client comes from /proc (utime + stime) over each
-measured window. Prints a table and the goals; writes bench/results/gateway-<time>.json.
+every client thread (tritonclient's default) and with one connection per thread, each cell
+run by a fresh client process so that the client's CPU is told apart from the servers'.
+Every cell is measured once per round, the rounds interleaved (the order rotated each
+round), and each figure is the median over the rounds. CPU time per request of the proxy,
+the node and the client comes from /proc (utime + stime) over each measured window. Prints a
+table and the goals; writes bench/results/gateway-<time>.json.
 
     .venv/bin/python bench/gateway.py [--quick] [--rounds 3] [--seconds 3]
         [--contenders direct kapi python-floor nginx nginx-default-buffers] [--requests small large]
