@@ -252,6 +252,76 @@ def test_a_node_refuses_to_register_a_wildcard_address() -> None:
         NodeSettings(advertise_address="edge:8001")
 
 
+def test_a_backend_that_keeps_failing_is_ejected_and_probed_back(
+    tmp_path: Path, node_logs: Path
+) -> None:
+    """`gather` on the small node fails inside its runtime (INTERNAL) for index 5; the large
+    node answers. Errors that reached a model pass through, never retried; five in a row
+    eject the small node, which comes back once its ejection ends."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    models.save_model(small, "gather", models.gather_model(table_size=2), 1, CONFIG)
+    models.save_model(large, "gather", models.gather_model(table_size=10), 1, CONFIG)
+    nodes = [start_node(small, node_logs), start_node(large, node_logs)]
+    gateway = start_gateway([node.grpc_url for node in nodes], node_logs)
+    try:
+        gateway.wait_for("serving gather twice", lambda b: len(b) == 2 and all(
+            e["models"] for e in b.values()))  # fmt: skip
+        assert gateway.admin("PUT", "/v1/routes/gather", json={"policy": "round-robin"}).is_success
+        indices = grpcclient.InferInput("INDICES", [1, 2], "INT64")
+        indices.set_data_from_numpy(np.array([[5, 1]], np.int64))
+        outcomes = []
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            for _ in range(20):
+                try:
+                    client.infer("gather", [indices])
+                    outcomes.append("ok")
+                except InferenceServerException as exc:
+                    outcomes.append(str(exc.status()))
+            # Five INTERNAL from the small node, then it is ejected: the rest on the large one.
+            assert outcomes.count("StatusCode.INTERNAL") == 5
+            assert outcomes[-10:] == ["ok"] * 10
+            small_entry = gateway.backends()[nodes[0].grpc_url]
+            assert small_entry["ejected"]
+            assert small_entry["ejections"] == 1
+            assert 'reason="failures"' in gateway.metrics()
+            gateway.wait_for("probed back", lambda b: not b[nodes[0].grpc_url]["ejected"])
+    finally:
+        gateway.terminate()
+        for node in nodes:
+            node.terminate()
+
+
+def test_model_control_goes_to_the_backends_whose_repository_has_the_model(
+    tmp_path: Path, node_logs: Path
+) -> None:
+    explicit = ["--model-control-mode", "explicit"]
+    first = start_node(repository(tmp_path / "a"), node_logs, args=explicit)
+    second = start_node(repository(tmp_path / "b"), node_logs, args=explicit)
+    gateway = start_gateway([first.grpc_url, second.grpc_url], node_logs)
+    try:
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("plus", request())
+            assert raised.value.status() == "StatusCode.NOT_FOUND"
+            client.load_model("plus")  # on both: both repositories have it
+            assert {a for a, e in gateway.backends().items() if e["models"]} == {
+                first.grpc_url,
+                second.grpc_url,
+            }
+            assert client.infer("plus", request(1.0)).as_numpy("OUTPUT0")[0, 0] == 2.0
+            with pytest.raises(InferenceServerException) as raised:
+                client.load_model("absent")
+            assert "no backend of this gateway has model 'absent'" in raised.value.message()
+            client.unload_model("plus")
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("plus", request())
+            assert raised.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        gateway.terminate()
+        first.terminate()
+        second.terminate()
+
+
 def test_sighup_reloads_routes_and_keeps_them_when_the_file_is_bad(
     tmp_path: Path, node_logs: Path
 ) -> None:
