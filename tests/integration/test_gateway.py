@@ -256,6 +256,9 @@ def test_shadow_traffic_records_agreement_and_never_delays_the_client(fleet: Fle
     assert stats["top1_agreement"] == 1.0  # +1 and +2 keep every row's largest column
     metrics = fleet.gateway.metrics()
     assert 'kapi_gateway_shadow_agreement{model="plus",shadow="version 2"} 1.0' in metrics
+    assert 'kapi_gateway_shadow_duration_seconds_count{model="plus",shadow="version 2"} 30.0' in (
+        metrics
+    )
 
 
 def test_metadata_index_and_statistics_come_from_the_backends(fleet: Fleet) -> None:

@@ -172,6 +172,27 @@ def test_sigterm_lets_the_gateways_requests_in_flight_finish(
         node.terminate()
 
 
+def test_deadlines_pass_through_and_grpc_health_checks_backends(
+    tmp_path: Path, node_logs: Path
+) -> None:
+    node = start_node(repository(tmp_path / "slow", SLOW_CONFIG), node_logs)
+    gateway = start_gateway([node.grpc_url], node_logs, args=["--health-check", "grpc-health"])
+    try:
+        gateway.wait_for("serving plus", lambda b: all(e["models"] for e in b.values()))
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as raised:
+                client.infer("plus", request(), client_timeout=0.1)  # it waits 0.5 s
+            assert raised.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            assert time.monotonic() - started < 0.45
+            assert client.infer("plus", request(1.0)).as_numpy("OUTPUT0")[0, 0] == 2.0
+        node.process.send_signal(signal.SIGTERM)  # not serving: its health says so
+        gateway.wait_for("the node unhealthy", lambda b: not b[node.grpc_url]["healthy"])
+    finally:
+        gateway.terminate()
+        node.terminate()
+
+
 def test_a_registered_backend_is_served_until_its_lease_expires(
     tmp_path: Path, node_logs: Path
 ) -> None:

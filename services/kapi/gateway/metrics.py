@@ -51,6 +51,13 @@ class GatewayMetrics:
             ["model", "shadow", "outcome"],
             registry=registry,
         )
+        self.shadow_latency = Histogram(
+            "kapi_gateway_shadow_duration_seconds",
+            "Time a shadow took to answer a mirrored request",
+            ["model", "shadow"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.shadow_agreement = Gauge(
             "kapi_gateway_shadow_agreement",
             "Top-1 agreement of the shadow's answers with the primary's, so far",

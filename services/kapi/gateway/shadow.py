@@ -135,7 +135,9 @@ class Shadowing:
             )
             self.metrics.shadow_requests.labels(model, stats.target, "error").inc()
             return
-        stats.latency_s_total += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        stats.latency_s_total += elapsed
+        self.metrics.shadow_latency.labels(model, stats.target).observe(elapsed)
         self.metrics.shadow_requests.labels(model, stats.target, "ok").inc()
         try:
             rows, agreeing, difference = compare(primary, answer)
