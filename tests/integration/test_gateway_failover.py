@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from kapi.gateway.discovery import BackendSpec
-from kapi.gateway.discovery.registration import Registrar
+from kapi.node.registration import Registrar
 from tritonclient.utils import InferenceServerException
 
 from tests.support import models
@@ -144,6 +143,68 @@ def test_a_stream_continues_on_another_node_when_its_node_drains(
             node.terminate()
 
 
+def test_requests_a_draining_node_did_not_run_are_sent_to_another(
+    tmp_path: Path, node_logs: Path
+) -> None:
+    """Three requests wait in the node's batcher when it drains; three more reach it as it
+    drains: it answers the first three and ends the stream saying the rest were not run.
+    The gateway sends those to the other node: the client sees six answers, in order."""
+    nodes = [start_node(repository(tmp_path / n, SLOW_CONFIG), node_logs) for n in "ab"]
+    gateway = start_gateway([node.grpc_url for node in nodes], node_logs)
+    try:
+        gateway.wait_for("serving plus twice", lambda b: len(b) == 2 and all(
+            e["models"] for e in b.values()))  # fmt: skip
+        answers: list[object] = []
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            client.start_stream(
+                callback=lambda result, error: answers.append(
+                    error if error is not None else float(result.as_numpy("OUTPUT0")[0, 0])
+                )
+            )
+            for value in range(3):
+                client.async_stream_infer("plus", request(float(value)))
+            _wait_until(lambda: any(e["outstanding"] for e in gateway.backends().values()))
+            on = next(a for a, e in gateway.backends().items() if e["outstanding"])
+            draining = next(node for node in nodes if node.grpc_url == on)
+            draining.process.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            for value in range(3, 6):
+                client.async_stream_infer("plus", request(float(value)))
+            _wait_until(lambda: len(answers) == 6)
+            client.stop_stream()
+        assert answers == [float(value) + 1 for value in range(6)]
+        assert draining.process.wait(30) == 0
+        assert 'kapi_gateway_retries_total{model="plus"} 1.0' in gateway.metrics()  # it moved
+    finally:
+        gateway.terminate()
+        for node in nodes:
+            node.terminate()
+
+
+def test_sigterm_ends_an_idle_stream_at_once(tmp_path: Path, node_logs: Path) -> None:
+    node = start_node(repository(tmp_path / "n"), node_logs)
+    gateway = start_gateway([node.grpc_url], node_logs)
+    try:
+        gateway.wait_for("serving plus", lambda b: all(e["models"] for e in b.values()))
+        answers: list[object] = []
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            client.start_stream(callback=lambda result, error: answers.append(error or result))
+            client.async_stream_infer("plus", request(1.0))
+            _wait_until(lambda: len(answers) == 1)
+            started = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            assert gateway.process.wait(30) == 0
+            assert time.monotonic() - started < 10  # not the 30 s drain timeout
+            _wait_until(lambda: len(answers) == 2)
+            client.stop_stream()
+        assert isinstance(answers[1], InferenceServerException)
+        assert answers[1].status() == "StatusCode.UNAVAILABLE"
+        assert "the gateway is draining" in answers[1].message()
+    finally:
+        gateway.terminate()
+        node.terminate()
+
+
 def test_sigterm_lets_the_gateways_requests_in_flight_finish(
     tmp_path: Path, node_logs: Path
 ) -> None:
@@ -213,8 +274,7 @@ def test_a_registered_backend_is_served_until_its_lease_expires(
             assert raised.value.status() == "StatusCode.NOT_FOUND"
 
         # The node's own client keeps its lease alive, renewing at a third of it.
-        spec = BackendSpec(node.grpc_url, "rpi5")
-        registrar = Registrar(gateway.http_url, spec, lease_s=1.0)
+        registrar = Registrar(gateway.http_url, node.grpc_url, "rpi5", lease_s=1.0)
         seen: list[bool] = []
 
         async def keep_registered() -> None:
@@ -271,6 +331,8 @@ def test_a_node_refuses_to_register_a_wildcard_address() -> None:
         NodeSettings(register_with="http://gw:8000", host="0.0.0.0")
     with pytest.raises(ValueError, match="needs register_with"):
         NodeSettings(advertise_address="edge:8001")
+    with pytest.raises(ValueError, match="advertise_address is HOST:PORT"):
+        NodeSettings(register_with="http://gw:8000", advertise_address="edge")
 
 
 def test_a_backend_that_keeps_failing_is_ejected_and_probed_back(

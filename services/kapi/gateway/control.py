@@ -22,7 +22,7 @@ import grpc
 
 import kapi
 from kapi.core._generated.inference import grpc_service_pb2 as pb
-from kapi.core.errors import KapiError, NotFound
+from kapi.core.errors import KapiError, NotFound, Unimplemented
 from kapi.core.oip import parse
 from kapi.gateway.backends import Backend
 from kapi.gateway.forward import Forwarder, forwarded_metadata
@@ -174,9 +174,15 @@ class GatewayServicer:
             if b.healthy and (not request.name or b.serves(request.name, request.version))
         ]
         if request.name and not backends:
-            raise NotFound(f"model '{request.name}' is not served by any backend of this gateway")
-        answers = await asyncio.gather(
-            *(self._forward(b, "ModelStatistics", data, context) for b in backends)
+            what = f"model '{request.name}'" + (
+                f" version {request.version}" if request.version else ""
+            )
+            raise NotFound(f"{what} is not served by any backend of this gateway")
+        answers = _answered(
+            await asyncio.gather(
+                *(self._forward(b, "ModelStatistics", data, context) for b in backends),
+                return_exceptions=True,
+            )
         )
         merged: dict[tuple[str, str], Any] = {}
         for answer in answers:
@@ -194,11 +200,14 @@ class GatewayServicer:
     @_rpc
     async def RepositoryIndex(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:  # noqa: N802
         request = parse(pb.RepositoryIndexRequest, data)
-        if request.repository_name:
-            raise KapiError("'repository_name' specification is not supported")
+        if request.repository_name:  # Triton's words
+            raise Unimplemented("'repository_name' specification is not supported")
         backends = [b for b in self.router.pool if b.healthy]
-        answers = await asyncio.gather(
-            *(self._forward(b, "RepositoryIndex", data, context) for b in backends)
+        answers = _answered(
+            await asyncio.gather(
+                *(self._forward(b, "RepositoryIndex", data, context) for b in backends),
+                return_exceptions=True,
+            )
         )
         seen: dict[tuple[str, str, str], Any] = {}
         for answer in answers:
@@ -258,6 +267,15 @@ class GatewayServicer:
         for backend in backends:
             backend.stale = True
         await asyncio.gather(*(self.prober.probe(b) for b in backends))
+
+
+def _answered(results: list[Any]) -> list[bytes]:
+    """The answers of the backends that answered: one that fails (it went away since its
+    last probe) is left out of a sum or a union, as the REST API leaves it out."""
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, grpc.aio.AioRpcError):
+            raise result
+    return [result for result in results if isinstance(result, bytes)]
 
 
 def add_statistics(total: Any, more: Any) -> None:

@@ -1,23 +1,21 @@
-"""Forwarding inference: ModelInfer and ModelStreamInfer, as bytes, with retries.
+"""Forwarding ModelInfer as bytes, with retries (streams: streams.py).
 
 A request stays the bytes the client sent: the wire reader finds the routing fields and the
 tensors are never decoded (wire.py). The deadline passes through as the remaining time; the
 client's metadata passes through as it came.
 
-Retries: a request that could not reach a backend (UNAVAILABLE: refused, reset, draining)
-goes to another backend while the retry budget allows. Any other answer, error or not, is
-the backend's and reaches the client with its code and message unchanged: a request that
-may have reached a model is never sent twice.
-
-A stream sticks to one backend. When that backend goes away (UNAVAILABLE, or it ends the
-stream while the client still sends, as a draining node does once it has answered), the
-stream continues on another backend, provided every request sent so far has its answer;
-otherwise the client's stream ends with the backend's error.
+Retries: UNAVAILABLE means the request was not run where it went: the backend could not be
+reached (refused, reset before an answer), is draining, or turned it away (a full queue).
+Such a request goes to another backend while the retry budget allows. A backend that could
+not be reached is out of rotation until a probe finds it ready; one that turned a request
+away is only probed at once. Any other answer, error or not, is the backend's and reaches
+the client with its code and message unchanged, and is never sent again. A node killed
+while it runs a request answers UNAVAILABLE too (the connection resets): that request is
+retried: a lost connection cannot say whether it ran.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -40,7 +38,11 @@ log = logging.getLogger(__name__)
 _BACKEND_FAULTS = frozenset(
     {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 )
-_END = object()
+# Words in an UNAVAILABLE's details that say the backend could not be reached at all.
+_TRANSPORT = (
+    "failed to connect", "connection refused", "connection reset", "socket closed",
+    "broken pipe", "connections to all backends failing", "recvmsg", "sendmsg", "goaway",
+)  # fmt: skip
 
 
 def forwarded_metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, Any], ...]:
@@ -58,21 +60,13 @@ class InFlight:
     def __init__(self) -> None:
         self.count = 0
         self.last_change = time.monotonic()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
-        self._idle.clear()
 
     def leave(self) -> None:
         self.count -= 1
         self.last_change = time.monotonic()
-        if self.count == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        await self._idle.wait()
 
 
 class Forwarder:
@@ -91,6 +85,13 @@ class Forwarder:
         self.budget = budget or RetryBudget()
         self.in_flight = InFlight()
         self.draining = False
+        self.streams: set[Any] = set()  # the open streams (streams.Stream), told of a drain
+
+    def drain(self) -> None:
+        """Refuse new requests; open streams end at their next request boundary."""
+        self.draining = True
+        for stream in list(self.streams):
+            stream.drain()
 
     async def model_infer(self, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if self.draining:
@@ -113,7 +114,7 @@ class Forwarder:
         tried: list[Backend] = []
         self.budget.deposit()
         while True:
-            backend = await self._choose(fields, version, tried, context)
+            backend = await self.choose(fields, version, tried, context)
             backend.outstanding += 1
             backend.requests += 1
             sent = time.perf_counter()
@@ -124,9 +125,11 @@ class Forwarder:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.UNAVAILABLE:
-                    self.prober.unreachable(backend, exc.details() or "")
+                    self.turned_away(backend, exc)
                     tried.append(backend)
-                    if self.budget.withdraw() and self._others(fields, version, tried):
+                    if self.budget.withdraw() and self.router.can_route(
+                        fields.model_name, version, fields.parameters, tried
+                    ):
                         self.metrics.retries.labels(fields.model_name).inc()
                         continue
                 elif code in _BACKEND_FAULTS:
@@ -135,7 +138,7 @@ class Forwarder:
                     self.prober.probe_soon(backend)  # it may no longer serve the model
                 self.metrics.answered(
                     fields.model_name,
-                    version or "",
+                    _label(backend, fields.model_name, version),
                     backend.address,
                     code.name,
                     time.perf_counter() - started,
@@ -146,7 +149,7 @@ class Forwarder:
             backend.observe(fields.model_name, time.perf_counter() - sent)
             self.metrics.answered(
                 fields.model_name,
-                version or "",
+                _label(backend, fields.model_name, version),
                 backend.address,
                 "OK",
                 time.perf_counter() - started,
@@ -154,147 +157,50 @@ class Forwarder:
             self.shadowing.maybe_mirror(fields, payload, response, backend)
             return response
 
-    async def _choose(
+    async def choose(
         self,
         fields: RoutingFields,
         version: str | None,
         tried: Sequence[Backend],
         context: grpc.aio.ServicerContext,
     ) -> Backend:
+        """The router's choice, or the client's call aborted with the router's error."""
         try:
             return self.router.choose(fields.model_name, version, fields.parameters, tried)
         except KapiError as exc:
             await context.abort(exc.grpc_status, exc.message)
             raise  # unreachable
 
-    def _others(self, fields: RoutingFields, version: str | None, tried: Sequence[Backend]) -> bool:
-        try:
-            self.router.choose(fields.model_name, version, fields.parameters, tried)
-        except KapiError:
-            return False
-        return True
+    def turned_away(self, backend: Backend, error: grpc.aio.AioRpcError) -> None:
+        """An UNAVAILABLE from `backend`: unreachable, or only this request turned away."""
+        details = error.details() or ""
+        if any(sign in details.lower() for sign in _TRANSPORT):
+            self.prober.unreachable(backend, details)
+        else:
+            self.prober.probe_soon(backend)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
+        from kapi.gateway.streams import Stream
+
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         self.in_flight.enter()
+        stream = Stream(self, requests, context)
+        self.streams.add(stream)
         try:
-            async for response in _Stream(self, requests, context).run():
-                yield response
+            async with contextlib.aclosing(stream.run()) as responses:
+                async for response in responses:
+                    yield response
         finally:
+            self.streams.discard(stream)
             self.in_flight.leave()
 
 
-class _Stream:
-    """One client stream forwarded to one backend at a time."""
-
-    def __init__(
-        self,
-        forwarder: Forwarder,
-        requests: AsyncIterator[bytes],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        self.forwarder = forwarder
-        self.requests = requests
-        self.context = context
-        self.incoming: asyncio.Queue[object] = asyncio.Queue()
-        self.held: object | None = None  # a request taken from the queue, not yet sent
-
-    async def run(self) -> AsyncIterator[bytes]:
-        reader = asyncio.create_task(self._read())
-        tried: list[Backend] = []
-        try:
-            while True:
-                first = self.held if self.held is not None else await self.incoming.get()
-                self.held = first
-                if first is _END:
-                    return
-                assert isinstance(first, bytes)
-                fields = read_routing(first)
-                version = self.forwarder.router.version(fields.model_name, fields.model_version)
-                backend = await self.forwarder._choose(fields, version, tried, self.context)
-                ended_cleanly = False
-                async for item in self._on(backend, version):
-                    if item is None:
-                        ended_cleanly = True
-                        break
-                    yield item
-                if ended_cleanly:
-                    return
-                tried = [backend]  # it went away: any other, then it again
-                self.forwarder.metrics.retries.labels(fields.model_name).inc()
-        except KapiError as exc:
-            await self.context.abort(exc.grpc_status, exc.message)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-    async def _read(self) -> None:
-        try:
-            async for request in self.requests:
-                await self.incoming.put(request)
-        finally:
-            await self.incoming.put(_END)
-
-    async def _on(self, backend: Backend, version: str | None) -> AsyncIterator[bytes | None]:
-        """Forward on `backend` until the client is done (then None) or the backend goes away
-        with every request answered (then it returns, for the next backend)."""
-        forwarder = self.forwarder
-        call = backend.stream("ModelStreamInfer")(
-            timeout=self.context.time_remaining(), metadata=forwarded_metadata(self.context)
-        )
-        outstanding = 0
-        client_done = False
-        backend.outstanding += 1
-        backend.requests += 1
-
-        async def write() -> None:
-            nonlocal outstanding, client_done
-            while True:
-                item = self.held if self.held is not None else await self.incoming.get()
-                self.held = item
-                if item is _END:
-                    client_done = True
-                    await call.done_writing()
-                    return
-                assert isinstance(item, bytes)
-                fields = read_routing(item)
-                chosen = fields.model_version or version
-                payload = rewrite(item, fields, None if fields.model_version else chosen)
-                await call.write(payload)
-                self.held = None
-                outstanding += 1
-
-        writer = asyncio.create_task(write())
-        try:
-            while True:
-                try:
-                    response = await call.read()
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() is grpc.StatusCode.UNAVAILABLE and outstanding == 0:
-                        forwarder.prober.unreachable(backend, exc.details() or "")
-                        return  # nothing lost: go on elsewhere
-                    await self.context.abort(exc.code(), exc.details() or "")
-                if response is grpc.aio.EOF:
-                    if client_done:
-                        yield None
-                        return
-                    if outstanding == 0:  # the backend ended the stream (draining)
-                        forwarder.prober.probe_soon(backend)
-                        return
-                    await self.context.abort(
-                        grpc.StatusCode.UNAVAILABLE,
-                        f"backend {backend.address} ended the stream with "
-                        f"{outstanding} request(s) unanswered",
-                    )
-                outstanding -= 1
-                yield response
-        finally:
-            backend.outstanding -= 1
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await writer
-            call.cancel()
+def _label(backend: Backend, model: str, version: str | None) -> str:
+    """The version label of a request's metrics: only versions a backend has, so a client
+    cannot grow the label set without bound."""
+    if not version:
+        return ""
+    return version if backend.serves(model, version) else "other"

@@ -68,9 +68,12 @@ class Prober:
 
     async def run(self) -> None:
         while True:
-            await self.probe_all()
-            self.eject_latency_outliers()
-            await self.pool.close_removed()
+            try:
+                await self.probe_all()
+                self.eject_latency_outliers()
+                await self.pool.close_removed()
+            except Exception:  # a bug here must not freeze every backend's health
+                log.exception("health probes failed; trying again")
             await asyncio.sleep(self.interval_s)
 
     async def probe_all(self) -> None:

@@ -26,13 +26,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from kapi.core.errors import KapiError, Unimplemented
+from kapi.core.errors import (
+    KapiError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    Unimplemented,
+)
 from kapi.gateway.backends import Backend
 from kapi.gateway.control import SERVER_NAME, GatewayServicer, kapi_version
 from kapi.gateway.metrics import GatewayMetrics
 from kapi.gateway.router import HARDWARE_PARAMETER, Router
 
 JSON = "application/json"
+# What says a request never reached its backend (so it may go to another).
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 TIMEOUT_S = 300.0
 # Request headers that are the connection's, not the request's (RFC 9110 section 7.6.1).
 _HOP_BY_HOP = frozenset(
@@ -113,50 +121,104 @@ class RestForwarder:
         )
 
     async def model(self, request: Request) -> Response:
+        forwarder = self.servicer.forwarder
+        infer = request.method == "POST"
+        if infer and forwarder.draining:
+            raise Unavailable("the gateway is shutting down")
+        forwarder.in_flight.enter()
+        try:
+            return await self._model(request, infer)
+        finally:
+            forwarder.in_flight.leave()
+
+    async def _model(self, request: Request, infer: bool) -> Response:
         name = request.path_params["name"]
         asked = request.path_params.get("version", "")
         tail = request.url.path.rsplit("/", 1)[-1]
-        infer = request.method == "POST"
         version = self.router.version(name, asked) if infer else (asked or None)
+        if tail == "stats":
+            return await self._model_statistics(name, version)
         parameters: dict[str, object] = {}
         if (preference := request.headers.get(HARDWARE_PARAMETER)) is not None:
             parameters[HARDWARE_PARAMETER] = preference
-        body = await request.body()
+        body = await self._body(request)
         path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "")
-        if tail in ("ready", "config", "stats", "infer"):
+        if tail in ("ready", "config", "infer"):
             path += "/" + tail
         headers = _forwarded(request.headers.items())
-        tried = [b for b in self.router.pool if b.http_address is None]
+        tried = self._without_rest(name)
         started = time.perf_counter()
+        forwarder = self.servicer.forwarder
+        forwarder.budget.deposit()
         while True:
             backend = self.router.choose(name, version, parameters, tried)
             backend.outstanding += 1
+            backend.requests += 1
             try:
                 response = await self._send(backend, request.method, path, body, headers, request)
-            except httpx.TransportError as exc:  # not reached: another backend may answer
+            except _NOT_SENT as exc:  # it never reached the backend: another may answer
+                self.servicer.prober.unreachable(backend, str(exc) or type(exc).__name__)
                 tried.append(backend)
-                if self.servicer.forwarder.budget.withdraw():
-                    self.servicer.prober.unreachable(backend, str(exc))
-                    if self._others(name, version, parameters, tried):
-                        self.metrics.retries.labels(name).inc()
-                        continue
-                raise KapiError(f"backend {backend.address} could not be reached: {exc}") from exc
+                if forwarder.budget.withdraw() and self.router.can_route(
+                    name, version, parameters, tried
+                ):
+                    self.metrics.retries.labels(name).inc()
+                    continue
+                raise Unavailable(f"backend {backend.address} could not be reached: {exc}") from exc
+            except httpx.TransportError as exc:  # sent, maybe run: never sent again
+                raise Unavailable(f"backend {backend.address} did not answer: {exc}") from exc
             finally:
                 backend.outstanding -= 1
+            if response.status_code >= 500 and response.status_code != 503:
+                self.servicer.prober.failed(backend, f"HTTP {response.status_code}")
             if infer:
                 elapsed = time.perf_counter() - started
                 code = "OK" if response.status_code < 400 else f"HTTP {response.status_code}"
-                self.metrics.answered(name, version or "", backend.address, code, elapsed)
+                label = version if version and backend.serves(name, version) else ""
+                self.metrics.answered(name, label, backend.address, code, elapsed)
+                if response.status_code < 400:
+                    backend.observe(name, elapsed)
             return response
 
-    def _others(
-        self, name: str, version: str | None, parameters: dict[str, object], tried: list[Backend]
-    ) -> bool:
-        try:
-            self.router.choose(name, version, parameters, tried)
-        except KapiError:
-            return False
-        return True
+    def _without_rest(self, name: str) -> list[Backend]:
+        """The backends with no REST address (excluded), or UNAVAILABLE when those are all
+        the backends that serve `name`."""
+        without = [b for b in self.router.pool if b.http_address is None]
+        serving = [b for b in self.router.pool if b.serves(name)]
+        if serving and all(b in without for b in serving):
+            raise Unavailable(
+                f"model '{name}' is served only by backends whose REST address is unknown: "
+                "use gRPC, or give them an http_address"
+            )
+        return without
+
+    async def _body(self, request: Request) -> bytes:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise ResourceExhausted(
+                f"the request body is {length} bytes, over this gateway's {self.max_body}"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise ResourceExhausted(f"the request body is over this gateway's {self.max_body}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _model_statistics(self, name: str, version: str | None) -> Response:
+        """A model's statistics, summed over every backend that serves it."""
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/stats"
+        backends = [
+            b
+            for b in self.router.pool
+            if b.healthy and b.http_address and b.serves(name, version or "")
+        ]
+        if not backends:
+            what = f"model '{name}'" + (f" version {version}" if version else "")
+            raise NotFound(f"{what} is not served by any backend of this gateway")
+        body = _merged(await self._each("GET", path, b"", backends))
+        return Response(orjson.dumps(body), media_type=JSON)
 
     async def _send(
         self,
@@ -183,9 +245,12 @@ class RestForwarder:
                 response.headers.append(key, value)
         return response
 
-    async def _each(self, method: str, path: str, body: bytes) -> list[Any]:
+    async def _each(
+        self, method: str, path: str, body: bytes, backends: list[Backend] | None = None
+    ) -> list[Any]:
         """Every healthy REST backend's JSON answer (a backend that fails is left out)."""
-        backends = [b for b in self.router.pool if b.healthy and b.http_address]
+        if backends is None:
+            backends = [b for b in self.router.pool if b.healthy and b.http_address]
 
         async def one(backend: Backend) -> Any:
             answer = await self.client.request(
@@ -198,15 +263,7 @@ class RestForwarder:
         return [r for r in results if not isinstance(r, BaseException)]
 
     async def all_statistics(self, request: Request) -> Response:
-        merged: dict[tuple[str, str], dict[str, Any]] = {}
-        for answer in await self._each("GET", "/v2/models/stats", b""):
-            for stats in answer.get("model_stats", []):
-                key = (stats.get("name", ""), stats.get("version", ""))
-                if key in merged:
-                    add_json_statistics(merged[key], stats)
-                else:
-                    merged[key] = stats
-        body = {"model_stats": [merged[key] for key in sorted(merged)]}
+        body = _merged(await self._each("GET", "/v2/models/stats", b""))
         return Response(orjson.dumps(body), media_type=JSON)
 
     async def index(self, request: Request) -> Response:
@@ -221,22 +278,44 @@ class RestForwarder:
     async def model_control(self, request: Request) -> Response:
         name = request.path_params["name"]
         action = request.url.path.rsplit("/", 1)[-1]
-        having = [b for b in await self.servicer.backends_having(name) if b.http_address]
-        body = await request.body()
+        having = await self.servicer.backends_having(name)
+        if any(b.http_address is None for b in having):
+            raise Unavailable(
+                f"a backend with model '{name}' has no known REST address: {action} it over "
+                "gRPC, or give the backend an http_address"
+            )
+        body = await self._body(request)
         headers = _forwarded(request.headers.items())
         path = f"/v2/repository/models/{name}/{action}"
         answers = await asyncio.gather(
-            *(self._send(b, "POST", path, body, headers, request) for b in having)
+            *(self._send(b, "POST", path, body, headers, request) for b in having),
+            return_exceptions=True,
         )
         await self.servicer.refresh(having)
         for backend, answer in zip(having, answers, strict=True):
+            if isinstance(answer, httpx.HTTPError):
+                raise Unavailable(f"backend {backend.address}: {answer}")
+            if isinstance(answer, BaseException):
+                raise answer
             if answer.status_code >= 400:
                 return answer
-            del backend
         return Response(status_code=200, media_type=JSON)
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _merged(answers: list[Any]) -> dict[str, Any]:
+    """Statistics answers, summed per (model, version)."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for answer in answers:
+        for stats in answer.get("model_stats", []):
+            key = (stats.get("name", ""), stats.get("version", ""))
+            if key in merged:
+                add_json_statistics(merged[key], stats)
+            else:
+                merged[key] = stats
+    return {"model_stats": [merged[key] for key in sorted(merged)]}
 
 
 def _forwarded(headers: Any) -> list[tuple[str, str]]:

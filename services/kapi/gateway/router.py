@@ -10,7 +10,7 @@ import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from kapi.core.errors import InvalidArgument, NotFound, Unavailable
+from kapi.core.errors import InvalidArgument, KapiError, NotFound, Unavailable
 from kapi.gateway.backends import Backend, BackendPool
 from kapi.gateway.policies import Policy, make_policy
 from kapi.gateway.routes import DEFAULT_POLICY, Route, check_hardware
@@ -77,6 +77,39 @@ class Router:
         """The backend for one request, or NOT_FOUND (no backend serves the model) or
         UNAVAILABLE (none that serves it can take it now)."""
         entry = self.routes.get(model)
+        candidates = self.candidates(model, version, parameters, exclude)
+        policy = entry.policy if entry is not None else self.default_policy
+        key = None
+        if entry is not None and entry.route.hash_parameter is not None:
+            value = parameters.get(entry.route.hash_parameter)
+            key = None if value is None else str(value)
+        chosen = policy.choose(candidates, key)
+        assert isinstance(chosen, Backend)
+        return chosen
+
+    def can_route(
+        self,
+        model: str,
+        version: str | None,
+        parameters: Mapping[str, object],
+        exclude: Collection[Backend],
+    ) -> bool:
+        """Whether some backend other than `exclude` could take the request (for a retry);
+        the policy is not asked, so its state does not move."""
+        try:
+            self.candidates(model, version, parameters, exclude)
+        except KapiError:
+            return False
+        return True
+
+    def candidates(
+        self,
+        model: str,
+        version: str | None,
+        parameters: Mapping[str, object],
+        exclude: Collection[Backend] = (),
+    ) -> list[Backend]:
+        """The backends the policy chooses among (never empty: NOT_FOUND or UNAVAILABLE)."""
         serving = [b for b in self.pool if b.serves(model)]
         if not serving:
             raise NotFound(f"model '{model}' is not served by any backend of this gateway")
@@ -88,15 +121,7 @@ class Router:
         if not candidates:
             what = f"model '{model}'" + (f" version {version}" if version else "")
             raise Unavailable(f"no healthy backend serves {what} now")
-        candidates = _preferred(candidates, _preference(entry, parameters))
-        policy = entry.policy if entry is not None else self.default_policy
-        key = None
-        if entry is not None and entry.route.hash_parameter is not None:
-            value = parameters.get(entry.route.hash_parameter)
-            key = None if value is None else str(value)
-        chosen = policy.choose(candidates, key)
-        assert isinstance(chosen, Backend)
-        return chosen
+        return _preferred(candidates, _preference(self.routes.get(model), parameters))
 
 
 def _usable(serving: list[Backend], exclude: Collection[Backend]) -> list[Backend]:
@@ -112,14 +137,16 @@ def _preference(entry: RouteEntry | None, parameters: Mapping[str, object]) -> l
     if asked is None:
         return entry.route.hardware if entry is not None else []
     items = [item.strip() for item in asked.split(",")] if isinstance(asked, str) else []
+    items = [item for item in items if item]
+    if not items:
+        raise InvalidArgument(
+            f"request parameter '{HARDWARE_PARAMETER}': expected a string: a hardware class "
+            "or profile, or several, comma-separated"
+        )
     try:
-        return [check_hardware(item) for item in items if item] or _empty()
+        return [check_hardware(item) for item in items]
     except ValueError as exc:
         raise InvalidArgument(f"request parameter '{HARDWARE_PARAMETER}': {exc}") from None
-
-
-def _empty() -> list[str]:
-    raise ValueError("expected a string: a hardware class or profile, or several, comma-separated")
 
 
 def _preferred(candidates: list[Backend], preference: list[str]) -> list[Backend]:

@@ -187,7 +187,7 @@ class GatewayServer:
     async def _drain(self, grpc_server: grpc.aio.Server) -> None:
         log.info("draining")
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        self.forwarder.draining = True
+        self.forwarder.drain()
         await self._announce()
         in_flight = self.forwarder.in_flight
         while time.monotonic() < deadline:

@@ -140,7 +140,8 @@ class Shadowing:
         self.metrics.shadow_latency.labels(model, stats.target).observe(elapsed)
         self.metrics.shadow_requests.labels(model, stats.target, "ok").inc()
         try:
-            rows, agreeing, difference = compare(primary, answer)
+            # Decoding and comparing large outputs: off the event loop.
+            rows, agreeing, difference = await asyncio.to_thread(compare, primary, answer)
         except (ValueError, KapiError) as exc:
             stats.last_error = f"answers not comparable: {exc}"
             return

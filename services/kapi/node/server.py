@@ -27,12 +27,11 @@ from kapi.core.errors import KapiError, NotFound
 from kapi.core.hardware import detect_profiles
 from kapi.core.listen import StartupError, bind, http_server
 from kapi.core.metrics import metrics_app
-from kapi.gateway.discovery import BackendSpec
-from kapi.gateway.discovery.registration import Registrar
 from kapi.node.dataplane import DataPlane
 from kapi.node.follower import Follower, Target
 from kapi.node.grpc_service import SERVICE, InferenceServicer
 from kapi.node.http import rest_app
+from kapi.node.registration import Registrar
 from kapi.node.repository import ModelRepository
 from kapi.node.settings import NodeSettings
 from kapi.node.stats import NodeMetrics
@@ -95,9 +94,12 @@ class NodeServer:
         if settings.register_with is None:
             return None
         address = settings.advertise_address or f"{settings.host}:{settings.grpc_port}"
-        spec = BackendSpec(address, self.profiles[0] if self.profiles else None)
         return Registrar(
-            settings.register_with, spec, settings.registration_lease_s, settings.gateway_token
+            settings.register_with,
+            address,
+            self.profiles[0] if self.profiles else None,
+            settings.registration_lease_s,
+            settings.gateway_token,
         )
 
     def _follower(self) -> Follower:

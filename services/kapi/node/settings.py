@@ -59,7 +59,11 @@ class NodeSettings(ServiceSettings):
             for name in ("advertise_address", "gateway_token", "registration_lease_s"):
                 if name in self.model_fields_set:
                     raise ValueError(f"{name} needs register_with (--register-with URL)")
-        elif self.advertise_address is None and self.host in ("0.0.0.0", "::", ""):
+        elif self.advertise_address is not None:
+            host, _, port = self.advertise_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"advertise_address is HOST:PORT, got {self.advertise_address!r}")
+        elif self.host in ("0.0.0.0", "::", ""):
             raise ValueError(
                 "register_with needs advertise_address (--advertise-address HOST:PORT): the "
                 f"node listens on {self.host!r}, which is no address a gateway can dial"

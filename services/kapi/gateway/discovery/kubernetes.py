@@ -369,7 +369,7 @@ class KubernetesSliceApi(SliceApi):
         try:
             from kubernetes import client
         except ImportError as exc:  # pragma: no cover - the client is there wherever tests run
-            raise MissingExtra("kubernetes", "trainer") from exc
+            raise MissingExtra("kubernetes", "gateway") from exc
         configuration = client.Configuration()
         _load_configuration(configuration, kubeconfig)
         return cls(client.ApiClient(configuration))

@@ -3,18 +3,15 @@
 A backend registers with `POST /v1/registrations` on the gateway's HTTP port, giving its
 gRPC address, its profile and a lease length, and registers again before the lease ends to
 keep it; `DELETE /v1/registrations/{address}` leaves at once. A lease that is not renewed
-expires, and the backend leaves the pool. `Registrar` is the client a node runs.
+expires, and the backend leaves the pool. The client a node runs is kapi.node.registration.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
-
-import httpx
 
 from kapi.gateway.discovery import BackendSpec, Publish
 
@@ -73,47 +70,3 @@ class RegistrationDiscovery:
         while True:
             await asyncio.sleep(self.sweep_s)
             self.expire()
-
-
-class Registrar:
-    """Keeps a backend registered with a gateway: registers, then renews at a third of the
-    lease, so two lost renewals in a row still do not let it expire."""
-
-    def __init__(
-        self,
-        gateway_url: str,
-        spec: BackendSpec,
-        lease_s: float = 15.0,
-        token: str | None = None,
-    ) -> None:
-        self.url = gateway_url.rstrip("/") + "/v1/registrations"
-        self.spec = spec
-        self.lease_s = lease_s
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(headers=headers, timeout=5.0)
-
-    def body(self) -> dict[str, object]:
-        return {
-            "address": self.spec.address,
-            "profile": self.spec.profile,
-            "http_address": self.spec.http_address,
-            "weight": self.spec.weight,
-            "lease_s": self.lease_s,
-        }
-
-    async def register(self) -> None:
-        response = await self._client.post(self.url, json=self.body())
-        response.raise_for_status()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.register()
-            except httpx.HTTPError as exc:
-                log.warning("cannot register with the gateway at %s: %s", self.url, exc)
-            await asyncio.sleep(self.lease_s / 3)
-
-    async def leave(self) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            await self._client.delete(f"{self.url}/{self.spec.address}")
-        await self._client.aclose()
