@@ -16,7 +16,7 @@ the node and the client comes from /proc (utime + stime) over each measured wind
 table and the goals; writes bench/results/gateway-<time>.json.
 
     .venv/bin/python bench/gateway.py [--quick] [--rounds 3] [--seconds 3]
-        [--contenders direct kapi python-floor nginx nginx-default-buffers] [--requests small large]
+        [--contenders direct kapi python-floor nginx nginx-default-buffers haproxy] [--requests small large]
 """
 
 from __future__ import annotations
@@ -50,7 +50,10 @@ NGINX_DEFAULT_BUFFERS = "nginx-default-buffers"
 # A bare raw-bytes grpc.aio proxy (gatewaybench/floor.py): what Python's gRPC stack costs
 # with no feature at all, beside what the gateway costs with all of them.
 FLOOR = "python-floor"
-CONTENDERS = (DIRECT, KAPI, FLOOR, NGINX, NGINX_DEFAULT_BUFFERS)
+# HAProxy reading the model name from the body: an existing engine that could be the data
+# plane (opt-in: --contenders ... haproxy).
+HAPROXY = "haproxy"
+CONTENDERS = (DIRECT, KAPI, FLOOR, NGINX, NGINX_DEFAULT_BUFFERS, HAPROXY)
 DEFAULT_CONTENDERS = (DIRECT, KAPI, FLOOR, NGINX)
 LIMITS = """\
 Limits of the method:
@@ -154,6 +157,8 @@ def _start(
             commands[name] = servers.gateway_command(root / "gateway", node.ports.grpc_url)
         elif name == FLOOR:
             commands[name] = servers.floor_command(root / "floor", node.ports.grpc_url)
+        elif name == HAPROXY:
+            commands[name] = servers.haproxy_command(root / "haproxy", node.ports.grpc_url)
         else:
             tuned = name == NGINX
             commands[name] = servers.nginx_command(root / name, name, node.ports.grpc_url, tuned)

@@ -199,6 +199,44 @@ http {{
 """
 
 
+HAPROXY = Path("/usr/sbin/haproxy")
+
+
+def haproxy_command(root: Path, backend: str) -> ServerCommand:
+    """HAProxy 2.6 (Debian) as a gRPC proxy that reads the model name from each request's
+    body (`req.body,ungrpc(1)`, the way it could route on it) before passing it on: what an
+    existing engine costs when it inspects the body, against the gateway. One thread, the
+    buffer large enough for the 600 KB message (a body must fit it to be inspected)."""
+    root.mkdir(parents=True, exist_ok=True)
+    ports = free_ports()
+    conf = root / "haproxy.cfg"
+    conf.write_text(f"""# written by bench/gateway.py
+global
+    nbthread 1
+    tune.bufsize 1048576
+    tune.h2.initial-window-size 1048576
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend grpc
+    bind {HOST}:{ports.grpc} proto h2
+    option http-buffer-request
+    http-request set-var(txn.model) req.body,ungrpc(1)
+    use_backend node if {{ var(txn.model) -m found }}
+    default_backend node
+frontend health
+    bind {HOST}:{ports.http}
+    http-request return status 200
+backend node
+    http-reuse always
+    server node {backend} proto h2
+""")
+    argv = [str(HAPROXY), "-f", str(conf), "-db"]
+    return ServerCommand("haproxy", argv, root, root.with_suffix(".log"), ports)
+
+
 def ensure_nginx() -> None:
     """nginx from Debian when it is missing and this runs as root with apt-get; else a clear
     error."""
