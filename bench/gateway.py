@@ -16,7 +16,8 @@ the node and the client comes from /proc (utime + stime) over each measured wind
 table and the goals; writes bench/results/gateway-<time>.json.
 
     .venv/bin/python bench/gateway.py [--quick] [--rounds 3] [--seconds 3]
-        [--contenders direct kapi python-floor nginx nginx-default-buffers haproxy] [--requests small large]
+        [--contenders direct kapi python-floor nginx nginx-default-buffers haproxy]
+        [--requests small large]
 """
 
 from __future__ import annotations
