@@ -4,6 +4,7 @@ no client request fails that another backend could answer."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support import models
 from tests.support.gateway import RunningGateway, start_gateway
-from tests.support.node import RunningNode, start_node
+from tests.support.node import RunningNode, free_port, start_node
 
 CONFIG = "max_batch_size: 8\n"
 TOKEN = "admin-token-for-tests"
@@ -252,6 +253,66 @@ def test_deadlines_pass_through_and_grpc_health_checks_backends(
     finally:
         gateway.terminate()
         node.terminate()
+
+
+def test_the_deadline_and_metadata_reach_the_backend(node_logs: Path) -> None:
+    """A backend of our own (a real grpc.aio server in this process) records what each
+    ModelInfer brought: the time left and the client's metadata."""
+    from concurrent.futures import Future
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+
+    seen: Future[tuple[float | None, dict[str, str]]] = Future()
+    port = free_port()
+
+    async def backend(stop: asyncio.Event) -> None:
+        async def unary(method: str, data: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if method == "ServerReady":
+                return pb.ServerReadyResponse(ready=True).SerializeToString()
+            if method == "ServerMetadata":
+                return pb.ServerMetadataResponse(name="fake").SerializeToString()
+            if method == "RepositoryIndex":
+                index = pb.RepositoryIndexResponse()
+                index.models.add(name="plus", version="1", state="READY")
+                return index.SerializeToString()
+            if not seen.done():
+                metadata = {k: v for k, v in context.invocation_metadata() or ()}
+                seen.set_result((context.time_remaining(), metadata))
+            return pb.ModelInferResponse(model_name="plus").SerializeToString()
+
+        handlers = {
+            m: grpc.unary_unary_rpc_method_handler(functools.partial(unary, m))
+            for m in ("ServerReady", "ServerMetadata", "RepositoryIndex", "ModelInfer")
+        }
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await stop.wait()
+        await server.stop(0)
+
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=loop.run_until_complete, args=(backend(stop),))
+    thread.start()
+    gateway = None
+    try:
+        gateway = start_gateway([f"127.0.0.1:{port}"], node_logs)
+        gateway.wait_for("serving plus", lambda b: all(e["models"] for e in b.values()))
+        with grpcclient.InferenceServerClient(gateway.grpc_url) as client:
+            client.infer("plus", request(), client_timeout=5.0, headers={"x-trace": "abc"})
+        remaining, metadata = seen.result(10)
+        assert remaining is not None
+        assert 3.0 < remaining <= 5.0  # the client's 5 s, less the way there
+        assert metadata["x-trace"] == "abc"
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
 
 
 def test_a_registered_backend_is_served_until_its_lease_expires(
