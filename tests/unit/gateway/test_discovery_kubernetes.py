@@ -20,16 +20,13 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from kapi.core.errors import InvalidArgument, Unavailable
 from kapi.gateway.discovery import BackendSpec
+from kapi.gateway.discovery.endpointslices import SliceFields, SliceTable, is_ready, slice_backends
 from kapi.gateway.discovery.kubernetes import (
     KubernetesDiscovery,
     KubernetesSliceApi,
     ResourceVersionExpired,
     SliceApi,
-    SliceFields,
-    SliceTable,
     WatchTiming,
-    is_ready,
-    slice_backends,
 )
 from kubernetes import client
 from urllib3.exceptions import ProtocolError
@@ -256,7 +253,7 @@ def test_a_slice_with_no_endpoints_or_several_addresses() -> None:
 def test_the_table_serves_one_backend_per_address_and_logs_a_problem_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="kapi.gateway.discovery.kubernetes")
+    caplog.set_level(logging.WARNING, logger="kapi.gateway.discovery.endpointslices")
     table = SliceTable(FIELDS)
     table.replace(
         [endpoint_slice("a", endpoint("10.0.0.1")), endpoint_slice("b", endpoint("10.0.0.1"))]
