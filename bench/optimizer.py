@@ -399,7 +399,12 @@ def agreement(folder: Path, table: dict[str, Any], dataset: Any) -> dict[str, di
             best5 = np.argsort(-got, axis=1)[:, :5]
             result[row["name"]] = {
                 "top5": float((best5 == reference[:, None]).any(1).mean()),
-                "top1_confident": float((got.argmax(1) == reference)[confident].mean()),
+                # None where fp32 is confident on no crop (an untrained ResNet-18).
+                "top1_confident": (
+                    float((got.argmax(1) == reference)[confident].mean())
+                    if confident.any()
+                    else None
+                ),
                 "confident_crops": int(confident.sum()),
             }
     return result
