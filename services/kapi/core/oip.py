@@ -19,6 +19,12 @@ from kapi.core.inference import (
 )
 from kapi.core.tensors import DATATYPES, check_shape, to_raw
 
+# kapi's own entries in ServerMetadata's extensions: a node's hardware profiles, best first
+# ("kapi-profile:nvidia-sm90"), and its REST port ("kapi-http-port:8000"). A gateway learns
+# them over the protocol itself.
+PROFILE_EXTENSION = "kapi-profile:"
+HTTP_PORT_EXTENSION = "kapi-http-port:"
+
 SHARED_MEMORY_REGION = "shared_memory_region"
 # Which InferTensorContents field carries each datatype (FP16 and BF16 travel raw only).
 CONTENTS_FIELD = {

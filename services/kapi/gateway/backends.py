@@ -20,11 +20,10 @@ from typing import Any
 
 import grpc
 
+from kapi.core.oip import HTTP_PORT_EXTENSION, PROFILE_EXTENSION
 from kapi.gateway.discovery import BackendSpec
 
 SERVICE_PATH = "/inference.GRPCInferenceService/"
-PROFILE_EXTENSION = "kapi-profile:"
-HTTP_PORT_EXTENSION = "kapi-http-port:"  # a kapi node's REST port
 # How much a new latency moves the average: about the last ten requests count.
 EWMA_ALPHA = 0.1
 # An average not fed for this long starts to fade (by e each further period).
@@ -76,6 +75,7 @@ class Backend:
         self.server_name = ""  # "triton", "kapi", … from ServerMetadata
         self.server_version = ""
         self.reported_profiles: tuple[str, ...] = ()
+        self.reported_http_port: str | None = None
         self.extensions: tuple[str, ...] = ()
         self.models: dict[str, frozenset[str]] = {}  # ready models: name -> versions
         self.consecutive_failures = 0
@@ -122,11 +122,23 @@ class Backend:
         the host of its gRPC address."""
         if self.spec.http_address is not None:
             return self.spec.http_address
-        for extension in self.extensions:
-            if extension.startswith(HTTP_PORT_EXTENSION):
-                host = self.address.rpartition(":")[0]
-                return f"{host}:{extension.removeprefix(HTTP_PORT_EXTENSION)}"
-        return None
+        if self.reported_http_port is None:
+            return None
+        return f"{self.address.rpartition(':')[0]}:{self.reported_http_port}"
+
+    def learn(self, name: str, version: str, extensions: tuple[str, ...]) -> None:
+        """What its ServerMetadata says: its name and version, and in its extensions the
+        profiles and REST port a kapi node reports."""
+        self.server_name, self.server_version, self.extensions = name, version, extensions
+        self.reported_profiles = tuple(
+            e.removeprefix(PROFILE_EXTENSION) for e in extensions if e.startswith(PROFILE_EXTENSION)
+        )
+        ports = [
+            e.removeprefix(HTTP_PORT_EXTENSION)
+            for e in extensions
+            if e.startswith(HTTP_PORT_EXTENSION)
+        ]
+        self.reported_http_port = ports[0] if ports else None
 
     @property
     def hardware(self) -> str | None:

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from kapi.core._generated.inference import grpc_service_pb2 as pb
-from kapi.gateway.backends import PROFILE_EXTENSION, Backend, BackendPool
+from kapi.gateway.backends import Backend, BackendPool
 from kapi.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,7 @@ class Prober:
                 "backend %s: cannot learn what it serves: %s", backend.address, exc.details()
             )
             return False
-        backend.server_name, backend.server_version = metadata.name, metadata.version
-        backend.extensions = tuple(metadata.extensions)
-        backend.reported_profiles = tuple(
-            ext.removeprefix(PROFILE_EXTENSION)
-            for ext in metadata.extensions
-            if ext.startswith(PROFILE_EXTENSION)
-        )
+        backend.learn(metadata.name, metadata.version, tuple(metadata.extensions))
         models: dict[str, set[str]] = {}
         for entry in index.models:
             if entry.state == "READY":

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from kapi.core.errors import InvalidArgument, KapiError, NotFound, Unavailable
 from kapi.gateway.backends import Backend, BackendPool
-from kapi.gateway.policies import Policy, make_policy
-from kapi.gateway.routes import DEFAULT_POLICY, Route, check_hardware
+from kapi.gateway.policies import DEFAULT_POLICY, Policy, make_policy
+from kapi.gateway.routes import Route, check_hardware
 
 # The request parameter that asks for hardware: a class or a profile, or several,
 # comma-separated, preferred first ("gpu,edge").

@@ -25,10 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kapi.core.errors import InvalidArgument
 from kapi.core.hardware import is_known_profile
 from kapi.gateway.discovery import BackendSpec
-from kapi.gateway.policies import POLICIES
+from kapi.gateway.policies import DEFAULT_POLICY, POLICIES
 
 HARDWARE_CLASSES = ("gpu", "edge", "cpu")
-DEFAULT_POLICY = "least-outstanding"
 
 
 _VERSION = re.compile(r"[1-9][0-9]*")

@@ -15,10 +15,11 @@ import signal
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from kapi.core.errors import KapiError
+from kapi.core.health import ReadinessHealth
 from kapi.core.listen import StartupError, bind, http_server
 from kapi.core.metrics import metrics_app
 from kapi.gateway.admin import admin_app
@@ -83,7 +84,7 @@ class GatewayServer:
                     kubeconfig=None if settings.kubeconfig is None else str(settings.kubeconfig),
                 )
             )
-        self.health = health.aio.HealthServicer()
+        self.health = ReadinessHealth(SERVICE.full_name, lambda: self.servicer.ready)
         self._stop = asyncio.Event()
 
     def _config(self) -> GatewayConfig:
@@ -188,7 +189,7 @@ class GatewayServer:
         log.info("draining")
         deadline = time.monotonic() + self.settings.drain_timeout_s
         self.forwarder.drain()
-        await self._announce()
+        await self.health.announce()
         in_flight = self.forwarder.in_flight
         while time.monotonic() < deadline:
             quiet = time.monotonic() - in_flight.last_change
@@ -199,18 +200,10 @@ class GatewayServer:
             log.warning("drain timeout: stopping with %d requests in flight", in_flight.count)
         await grpc_server.stop(min(GRPC_STOP_GRACE_S, max(deadline - time.monotonic(), 0.1)))
 
-    async def _announce(self) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.servicer.ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set("", status)
-        await self.health.set(SERVICE.full_name, status)
-
     async def _announce_loop(self) -> None:
+        """Watchers learn of changes in backend health (Check asks at once)."""
         while True:
-            await self._announce()
+            await self.health.announce()
             await asyncio.sleep(self.settings.health_interval_s)
 
     def _grpc_server(self) -> grpc.aio.Server:

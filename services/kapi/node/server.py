@@ -18,15 +18,17 @@ import signal
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from kapi.core._generated._pool import POOL
 from kapi.core.errors import KapiError, NotFound
 from kapi.core.hardware import detect_profiles
+from kapi.core.health import ReadinessHealth
 from kapi.core.listen import StartupError, bind, http_server
 from kapi.core.metrics import metrics_app
+from kapi.core.oip import HTTP_PORT_EXTENSION, PROFILE_EXTENSION
 from kapi.node.dataplane import DataPlane
 from kapi.node.follower import Follower, Target
 from kapi.node.grpc_service import SERVICE, InferenceServicer
@@ -43,26 +45,6 @@ log = logging.getLogger(__name__)
 GRPC_STOP_GRACE_S = 5.0
 # A drain ends once requests have stopped arriving for this long (and none is in flight).
 DRAIN_QUIET_S = 0.5
-# ServerMetadata's extensions name the node's REST port so: "kapi-http-port:8000".
-HTTP_PORT_EXTENSION = "kapi-http-port:"
-
-
-class _Health(health.aio.HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 whose Check answers the node's readiness as it is at that moment."""
-
-    def __init__(self, dataplane: DataPlane) -> None:
-        super().__init__()
-        self._dataplane = dataplane
-
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: object) -> object:  # noqa: N802
-        if request.service not in ("", SERVICE.full_name):
-            return await super().Check(request, context)
-        ready = self._dataplane.ready
-        return health_pb2.HealthCheckResponse(
-            status=health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
 
 
 class NodeServer:
@@ -82,8 +64,8 @@ class NodeServer:
             settings.strict_readiness,
         )
         self.profiles = detect_profiles()
-        self.dataplane.profile_extensions = tuple(f"kapi-profile:{p}" for p in self.profiles)
-        self.health = _Health(self.dataplane)
+        self.dataplane.profile_extensions = tuple(f"{PROFILE_EXTENSION}{p}" for p in self.profiles)
+        self.health = ReadinessHealth(SERVICE.full_name, lambda: self.dataplane.ready)
         self._stop = asyncio.Event()
         self.follower = self._follower() if settings.repository else None
         self.registrar = self._registrar()
@@ -129,7 +111,7 @@ class NodeServer:
             http_server(rest_app(self.dataplane, self.settings.max_message_bytes)),
             http_server(metrics_app(self.registry)),
         ]
-        await self._announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
+        await self.health.announce()  # NOT_SERVING until the models load (grpcio starts at SERVING)
         await grpc_server.start()
         following: asyncio.Task[None] | None = None
         registering: asyncio.Task[None] | None = None
@@ -147,7 +129,7 @@ class NodeServer:
                 await self._load_initial_models()
             if not self._stop.is_set():  # a signal during the loads: straight to the drain
                 self.dataplane.serving = True
-                await self._announce()
+                await self.health.announce()
                 log.info("node serving", extra={"grpc_port": self.settings.grpc_port})
                 if self.registrar is not None:
                     registering = asyncio.create_task(self.registrar.run())
@@ -178,7 +160,7 @@ class NodeServer:
         log.info("draining")
         deadline = time.monotonic() + self.settings.drain_timeout_s
         self.dataplane.draining.set()
-        await self._announce()
+        await self.health.announce()
         if not await self.dataplane.wait_quiet(DRAIN_QUIET_S, self.settings.drain_timeout_s):
             log.warning("drain timeout: stopping with requests in flight or still arriving")
         grace = min(GRPC_STOP_GRACE_S, max(deadline - time.monotonic(), 0.1))
@@ -230,16 +212,6 @@ class NodeServer:
                 self.repository.record_failure(name, exc.message)
             except KapiError:  # logged; one bad model keeps no other down
                 pass
-
-    async def _announce(self) -> None:
-        """Tell grpc.health.v1 watchers the readiness as it is now."""
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if self.dataplane.ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        await self.health.set("", status)
-        await self.health.set(SERVICE.full_name, status)
 
 
 def _follower_ended(task: asyncio.Task[None]) -> None:
